@@ -1,0 +1,66 @@
+"""open_clip models: a name + weights (`pretrained`: an open_clip tag, a local checkpoint, or `none`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from cmhash.errors import ConfigError
+
+log = logging.getLogger("cmhash")
+
+# Small model configs of our own (random-init demo and tests), added to open_clip's registry.
+CONFIG_DIR = Path(__file__).parent / "clip_configs"
+RANDOM_INIT = "none"
+
+
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    preprocess: Callable  # PIL image -> tensor, open_clip's own eval transform
+    tokenizer: Callable  # list[str] -> LongTensor
+    meta: dict[str, Any]  # what the features were made with; stored in every feature file
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
+    open_clip.add_model_config(CONFIG_DIR)
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"unknown CLIP model '{model_name}'; see open_clip.list_models() (e.g. ViT-B-32, cmhash-demo)")
+    meta: dict[str, Any] = {"clip_model": model_name, "pretrained": pretrained, "random_init": pretrained == RANDOM_INIT}
+    if pretrained == RANDOM_INIT:
+        weights = None
+        log.warning("CLIP '%s' has RANDOM weights (clip.pretrained: none): features and MAP say nothing about real CLIP", model_name)
+    elif Path(pretrained).is_file():
+        weights = pretrained
+        meta["checkpoint_sha256"] = _file_sha256(Path(pretrained))
+    elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+        weights = pretrained
+    else:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none known"
+        raise ConfigError(f"clip.pretrained '{pretrained}' is neither a file nor a tag of {model_name} ({tags}); or use none")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if weights is not None and not Path(weights).is_file():
+            raise ConfigError(
+                f"cannot fetch CLIP weights '{weights}' for {model_name} (offline?): download them once and pass "
+                "the local file as clip.pretrained, or use none"
+            ) from None
+        raise ConfigError(f"cannot load CLIP weights {weights}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    meta["preprocess"] = repr(preprocess)
+    return Clip(model, preprocess, open_clip.get_tokenizer(model_name), meta)

@@ -1,0 +1,116 @@
+"""What every real-dataset importer shares: option checking, required-path checks with
+one-line errors, and the per-item checks that turn a bad pair into a `Skipped` entry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cmhash.data.manifest import Collection, Item, Skipped
+from cmhash.errors import ConfigError, DataError
+
+# Reasons an item is left out. Stable strings: the skipped report and tests use them.
+DUPLICATE_ID = "duplicate id"
+NO_LABEL = "no label"
+EMPTY_CAPTION = "empty caption"
+IMAGE_MISSING = "image file missing"
+
+
+class LayoutError(DataError):
+    """A file or folder of the expected download layout is missing under an existing root."""
+
+
+def with_defaults(dataset: str, defaults: Mapping[str, Any], opts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`opts` over `defaults`; a key the importer does not know is a typo, so it is an error."""
+    opts = dict(opts or {})
+    unknown = sorted(set(opts) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} in data.{dataset}; valid options: {', '.join(sorted(defaults))}"
+        )
+    return {**defaults, **opts}
+
+
+def choice(dataset: str, opts: Mapping[str, Any], key: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    value = opts[key]
+    if value not in allowed:
+        raise ConfigError(f"data.{dataset}.{key} must be one of: {', '.join(allowed)} (got {value!r})")
+    return value
+
+
+def require_root(root: Path, dataset: str) -> None:
+    if not root.is_dir():
+        raise DataError(
+            f"dataset root not found: {root} (download {dataset} there, or point data.root at the folder that holds it)"
+        )
+
+
+def missing(what: str, path: Path | str) -> LayoutError:
+    return LayoutError(f"{what} not found: {path} (see the README section 'Real datasets' for the expected layout)")
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise missing(what, path)
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise missing(what, path)
+    return path
+
+
+def read_text(path: Path) -> str:
+    # Flickr tags carry the odd byte that is not UTF-8; a replacement character beats a crash.
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def read_lines(path: Path) -> list[str]:
+    """The file's lines. Only \\n ends a line: `str.splitlines` would also split on the
+    Unicode separators a Flickr tag may hold and shift line-aligned files out of step."""
+    lines = read_text(path).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def clean_caption(text: str) -> str:
+    """Collapse runs of whitespace (COCO captions carry newlines, tag lists carry tabs)."""
+    return " ".join(text.split())
+
+
+class ItemSink:
+    """Collects items, applying the checks every dataset shares in a fixed order, so the
+    reason recorded for a bad item does not depend on the importer."""
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.skipped: list[Skipped] = []
+        self._seen: set[str] = set()
+
+    def skip(self, item_id: str, reason: str) -> None:
+        self._seen.add(item_id)
+        self.skipped.append(Skipped(item_id, reason))
+
+    def offer(self, item_id: str, image: Path, caption: str, labels: Iterable[int]) -> None:
+        labels = tuple(sorted(set(labels)))
+        caption = clean_caption(caption)
+        if item_id in self._seen:
+            reason = DUPLICATE_ID
+        elif not labels:
+            reason = NO_LABEL
+        elif not caption:
+            reason = EMPTY_CAPTION
+        elif not image.is_file():  # existence only: decoding is the extract stage's job
+            reason = IMAGE_MISSING
+        else:
+            self._seen.add(item_id)
+            self.items.append(Item(item_id, str(image), caption, labels))
+            return
+        self.skip(item_id, reason)
+
+    def collection(self, dataset: str, label_names: list[str]) -> Collection:
+        return Collection(dataset, self.items, label_names, self.skipped)

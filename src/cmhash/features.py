@@ -1,0 +1,45 @@
+"""Feature files (`stages/extract/<split>.pkl`) loaded onto the device, checked on the way in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cmhash.errors import DataError
+from cmhash.io import load_pickle
+
+
+@dataclass
+class Features:
+    image: Tensor  # [N, D] float32
+    text: Tensor  # [N, D] float32
+    label: Tensor  # [N, C] multi-hot
+    meta: dict[str, Any]  # everything else in the file: ids, CLIP model, weights, dataset, split
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    @property
+    def dim(self) -> int:
+        return self.image.shape[1]
+
+
+def load_features(path: Path | str, device: torch.device | str = "cpu") -> Features:
+    data = load_pickle(path)
+    if not isinstance(data, dict) or not {"image", "text", "label"} <= data.keys():
+        raise DataError(f"{path}: a feature file must be a dict with 'image', 'text' and 'label'")
+    image, text, label = (np.asarray(data[k]) for k in ("image", "text", "label"))
+    if image.ndim != 2 or image.shape != text.shape:
+        raise DataError(f"{path}: 'image' {image.shape} and 'text' {text.shape} must both be [N, D]")
+    if label.ndim != 2 or len(label) != len(image):
+        raise DataError(f"{path}: 'label' {label.shape} must be [N, C] with N = {len(image)} (one row per pair)")
+    if not (np.isfinite(image).all() and np.isfinite(text).all()):
+        raise DataError(f"{path}: features contain NaN or inf; re-run `cmhash extract`")
+    meta = {k: v for k, v in data.items() if k not in ("image", "text", "label")}
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
+    return Features(as_tensor(image), as_tensor(text), as_tensor(label), meta)

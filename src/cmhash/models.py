@@ -1,0 +1,124 @@
+"""UCMFH: a fusion transformer over CLIP features (task 0) and hash heads on top of it (task 1).
+
+Every item is encoded on its own: the encoder sees a batch of one-token sequences
+([B, 1, d_model], batch_first), so an item's code never depends on its batch-mates (unlike the
+reference, which feeds a 2-D batch to a sequence-first encoder and lets items attend to each other).
+
+Two ways to encode, matching the two evaluation protocols:
+  strict  image embedding from the image alone, text embedding from the text alone
+          (the missing modality's slot is zero) - real cross-modal retrieval;
+  paired  both embeddings from the whole (image, text) pair - the reference's setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmhash.config import choose
+from cmhash.errors import ConfigError, DataError
+from cmhash.io import atomic_path
+
+PROTOCOLS = ("strict", "paired")
+
+
+class ReferenceFusion(nn.Module):
+    """concat(image, text) as one token -> TransformerEncoder -> L2-normalise -> split in halves."""
+
+    def __init__(self, feature_dim: int, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % 2 or d_model % nhead:
+            raise ConfigError(f"model.d_model={d_model} must be even and divisible by model.nhead={nhead}")
+        self.input = nn.Identity() if d_model == 2 * feature_dim else nn.Linear(2 * feature_dim, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.embed_dim = d_model // 2
+
+    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        token = self.input(torch.cat([image, text], dim=1)).unsqueeze(1)  # [B, 1, d]: one token per item
+        fused = F.normalize(self.encoder(token).squeeze(1), dim=1)
+        image_part, text_part = fused.chunk(2, dim=1)
+        return image_part, text_part
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"reference": ReferenceFusion}
+
+
+class HashHead(nn.Module):
+    """L2-norm -> Linear -> ReLU -> Dropout -> Linear(bits) -> tanh -> L2-norm; codes are its sign."""
+
+    def __init__(self, embed_dim: int, hidden: int, bits: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, bits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(torch.tanh(self.net(F.normalize(x, dim=1))), dim=1)
+
+
+class CrossModalHasher(nn.Module):
+    """The fusion encoder, plus image/text hash heads when `bits` is set (task 1)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        m = config["model"]
+        arch = choose(m["arch"], FUSIONS, "model.arch")
+        self.fusion = FUSIONS[arch](
+            config["feature_dim"], m["d_model"] or 2 * config["feature_dim"], m["nhead"], m["num_layers"], m["dim_feedforward"], m["dropout"]
+        )
+        bits = config.get("bits")
+        self.image_head = HashHead(self.fusion.embed_dim, m["hash_hidden"], bits, m["hash_dropout"]) if bits else None
+        self.text_head = HashHead(self.fusion.embed_dim, m["hash_hidden"], bits, m["hash_dropout"]) if bits else None
+
+    # CLIP features are L2-normalised on the way in: the scale of random-init or other CLIP
+    # variants then does not matter, and a zero vector unambiguously means "modality absent".
+    def embed(self, image: Tensor, text: Tensor, protocol: str) -> tuple[Tensor, Tensor]:
+        image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+        if protocol == "paired":
+            return self.fusion(image, text)
+        image_emb, _ = self.fusion(image, torch.zeros_like(text))
+        _, text_emb = self.fusion(torch.zeros_like(image), text)
+        return image_emb, text_emb
+
+    def hash(self, image_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.image_head is not None and self.text_head is not None, "model has no hash heads (task 0)"
+        return self.image_head(image_emb), self.text_head(text_emb)
+
+
+def to_codes(x: Tensor) -> Tensor:
+    """±1 int8 codes; exact zeros map to +1 so every bit is defined."""
+    return torch.where(x >= 0, 1, -1).to(torch.int8)
+
+
+@torch.no_grad()
+def encode(model: CrossModalHasher, image: Tensor, text: Tensor, protocol: str, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Eval-mode outputs for every item (no dropped remainder): hash outputs if the model has
+    heads, else fused embeddings. Chunked only to bound memory; items are independent."""
+    model.eval()
+    outs: list[tuple[Tensor, Tensor]] = []
+    for start in range(0, len(image), batch_size):
+        emb = model.embed(image[start : start + batch_size], text[start : start + batch_size], protocol)
+        outs.append(model.hash(*emb) if model.image_head is not None else emb)
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def save_checkpoint(path: Path, model: CrossModalHasher, **extra: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"config": model.config, "state_dict": model.state_dict(), **extra}, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[CrossModalHasher, dict[str, Any]]:
+    """Rebuild a model from its checkpoint. weights_only=True: loading never runs code from the file."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint not found: {path} (run the stage that writes it first)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    model = CrossModalHasher(ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt

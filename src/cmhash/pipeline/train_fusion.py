@@ -1,0 +1,26 @@
+"""Stage `train-fusion` (task 0): the fusion transformer, trained with `loss` on CLIP features.
+
+reads   stages/extract/{train,val}.pkl
+writes  stages/fusion/model.pt (best val MAP), metrics/fusion/ (dvclive curves + summary)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmhash.config import load_params
+from cmhash.pipeline import ParamsOption
+from cmhash.training.task import train_task
+
+
+def command(
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
+    out: Annotated[Path, typer.Option(help="best checkpoint (by val MAP).")] = Path("stages/fusion/model.pt"),
+    metrics_dir: Annotated[Path, typer.Option(help="dvclive curves and summary.")] = Path("metrics/fusion"),
+) -> None:
+    """Task 0: train the fusion transformer; keep the checkpoint with the best val MAP."""
+    train_task(load_params(params), features_dir=features_dir, out_path=out, metrics_dir=metrics_dir)

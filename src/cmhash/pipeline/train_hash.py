@@ -1,0 +1,30 @@
+"""Stage `train-hash` (task 1): hash heads on the fusion model, one model per code length.
+
+reads   stages/extract/{train,val}.pkl, stages/fusion/model.pt (initial fusion weights)
+writes  stages/hash/<bits>/model.pt (best val MAP), metrics/hash/<bits>/ (dvclive)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cmhash.config import get, load_params
+from cmhash.pipeline import ParamsOption
+from cmhash.training.task import train_task
+
+
+def command(
+    params: ParamsOption = Path("params.yaml"),
+    bits: Annotated[Optional[list[int]], typer.Option(help="code length(s); default: `bits` in params.")] = None,
+    features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
+    fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from.")] = Path("stages/fusion/model.pt"),
+    out_dir: Annotated[Path, typer.Option(help="writes <out-dir>/<bits>/model.pt.")] = Path("stages/hash"),
+    metrics_dir: Annotated[Path, typer.Option(help="dvclive curves per code length.")] = Path("metrics/hash"),
+) -> None:
+    """Task 1: train hash heads (and fine-tune fusion) for every code length."""
+    p = load_params(params)
+    for b in bits or [int(x) for x in get(p, "bits")]:
+        train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", metrics_dir=metrics_dir / str(b), bits=b, init_from=fusion)

@@ -1,0 +1,39 @@
+"""Rich progress bars with an items/s column, for anything that takes more than a few seconds."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} {task.fields.get('unit', 'it')}/s")
+
+
+@contextmanager
+def progress_bar(description: str, total: int, unit: str = "it") -> Iterator["_Advance"]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), _Rate(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total, unit=unit)
+        yield _Advance(progress, task)
+
+
+class _Advance:
+    def __init__(self, progress: Progress, task) -> None:
+        self._progress, self._task = progress, task
+
+    def __call__(self, n: int = 1, **fields) -> None:
+        self._progress.update(self._task, advance=n, **fields)

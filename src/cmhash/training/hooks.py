@@ -1,0 +1,95 @@
+"""Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from cmhash.evaluation.ranking import cosine_map, mean_average_precision
+from cmhash.features import Features
+from cmhash.models import encode, save_checkpoint, to_codes
+from cmhash.training.engine import TrainState
+from cmhash.training.monitor import Meter, pair_stats
+
+SELECT = "val/map"  # the number model selection and early stopping watch
+
+
+class Validator:
+    """Every `every` epochs (and at the last): val loss and monitor stats, the train/val loss
+    ratio, and val MAP@k - val pairs as queries against the train pairs as database, strict
+    protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set."""
+
+    def __init__(self, val: Features, database: Features, *, every: int, epochs: int, batch_size: int, topk: int) -> None:
+        self.val, self.database = val, database
+        self.every, self.epochs, self.batch_size, self.topk = every, epochs, batch_size, topk
+
+    @torch.no_grad()
+    def __call__(self, state: TrainState) -> None:
+        if state.epoch % self.every and state.epoch != self.epochs:
+            return
+        runner, meter = state.runner, Meter()
+        runner.model.eval()
+        for start in range(0, len(self.val), self.batch_size):
+            with state.precision.autocast():
+                loss, outputs = runner.step(self.val.image[start : start + self.batch_size], self.val.text[start : start + self.batch_size])
+            meter.add(len(outputs[0]), {"loss": loss.item(), **pair_stats(*outputs)})
+        state.logs.update(meter.means("val"))
+        state.logs["val/train_val_loss_ratio"] = state.logs["train/loss"] / state.logs["val/loss"] if state.logs["val/loss"] else math.nan
+        i2t, t2i = self.retrieval_map(runner.model, runner.hashing)
+        state.logs.update({"val/map_i2t": i2t, "val/map_t2i": t2i, SELECT: (i2t + t2i) / 2})
+
+    def retrieval_map(self, model, hashing: bool) -> tuple[float, float]:
+        q_image, q_text = encode(model, self.val.image, self.val.text, "strict")
+        db_image, db_text = encode(model, self.database.image, self.database.text, "strict")
+        q_label, db_label = self.val.label.cpu().numpy(), self.database.label.cpu().numpy()
+        score = mean_average_precision if hashing else cosine_map
+        prepare = (lambda x: to_codes(x).cpu().numpy()) if hashing else (lambda x: x.float().cpu().numpy())
+        i2t = score(prepare(q_image), prepare(db_text), q_label, db_label, topk=(self.topk,))[self.topk]
+        t2i = score(prepare(q_text), prepare(db_image), q_label, db_label, topk=(self.topk,))[self.topk]
+        return float(i2t), float(t2i)
+
+
+class Checkpointer:
+    """Keeps the checkpoint with the best val MAP as the stage's output."""
+
+    def __init__(self, best_path: Path, **extra) -> None:
+        self.best_path, self.extra = best_path, extra
+
+    def __call__(self, state: TrainState) -> None:
+        score = state.logs.get(SELECT)
+        if score is not None and score > state.best:
+            state.best, state.best_epoch = score, state.epoch
+            save_checkpoint(self.best_path, state.runner.model, epoch=state.epoch, val_map=score, **self.extra)
+
+
+class EarlyStopping:
+    """Stops after `patience` validations without a gain of more than `min_delta` (0 = off)."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.bad = -math.inf, 0
+
+    def __call__(self, state: TrainState) -> None:
+        score = state.logs.get(SELECT)
+        if score is None or not self.patience:
+            return
+        if score > self.best + self.min_delta:
+            self.best, self.bad = score, 0
+        else:
+            self.bad += 1
+            state.stop = self.bad >= self.patience
+
+
+class LiveLogger:
+    """Every number of the epoch as a dvclive step curve; best-so-far in the summary."""
+
+    def __init__(self, live) -> None:
+        self.live = live
+
+    def __call__(self, state: TrainState) -> None:
+        for name, value in state.logs.items():
+            self.live.log_metric(name, value)
+        self.live.summary.update({"best_val_map": state.best, "best_epoch": state.best_epoch})
+        self.live.next_step()

@@ -1,0 +1,40 @@
+"""Loss-independent numbers that make runs with different losses comparable."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def pair_stats(x: Tensor, y: Tensor) -> dict[str, float]:
+    """For a batch of paired outputs (row i of x belongs with row i of y):
+    mean cosine of true pairs, in-batch top-1 retrieval accuracy both ways (chance = 1/B), MSE."""
+    x, y = x.float(), y.float()
+    sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    target = torch.arange(len(x), device=x.device)
+    return {
+        "pair_cos": sim.diagonal().mean().item(),
+        "top1_i2t": (sim.argmax(dim=1) == target).float().mean().item(),
+        "top1_t2i": (sim.argmax(dim=0) == target).float().mean().item(),
+        "mse": F.mse_loss(x, y).item(),
+    }
+
+
+class Meter:
+    """Batch-size-weighted means of per-batch numbers."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    def add(self, n: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] += n * value
+        self.count += n
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{key}": total / max(self.count, 1) for key, total in self.sums.items()}

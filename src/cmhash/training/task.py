@@ -1,0 +1,81 @@
+"""Set up and run one training task: data, optimiser, a runner that owns the loss, hooks, then
+initialise from the upstream stage's checkpoint, and fit. Shared by `train-fusion` (task 0)
+and `train-hash` (task 1)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+
+from cmhash.config import choose, get, seed_everything
+from cmhash.errors import ConfigError
+from cmhash.features import load_features
+from cmhash.losses import build_loss, warn_if_small_batch
+from cmhash.models import CrossModalHasher, load_checkpoint
+from cmhash.training.engine import TrainState, fit
+from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, Validator
+from cmhash.training.precision import Precision, resolve_device
+from cmhash.training.runner import Runner
+from cmhash.training.schedule import build_scheduler
+
+log = logging.getLogger("cmhash")
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    name = choose(cfg["name"], OPTIMIZERS, "train.optimizer.name")
+    return OPTIMIZERS[name](groups, betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
+
+
+def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, metrics_dir: Path,
+               bits: int | None = None, init_from: Path | None = None) -> float:
+    """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP."""
+    task = "hash" if bits else "fusion"
+    seed_everything(int(get(params, "seed")))
+    device = resolve_device(str(get(params, "device")))
+    train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
+    t = get(params, "train")
+    loss_name = str(get(params, "loss"))
+    loss = build_loss(loss_name, get(params, "losses").get(loss_name) or {})
+    warn_if_small_batch(loss, int(t["batch_size"]))
+
+    config = {"model": dict(get(params, "model")), "feature_dim": train.dim, "bits": bits, "loss": loss_name,
+              "clip": {k: train.meta.get(k) for k in ("clip_model", "pretrained", "random_init")}}
+    model = CrossModalHasher(config).to(device)
+    if init_from is not None:  # task 1 starts from the fusion stage's weights, then fine-tunes them
+        upstream, _ = load_checkpoint(init_from, device)
+        if upstream.config["model"] != config["model"] or upstream.config["feature_dim"] != train.dim:
+            raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
+        model.fusion.load_state_dict(upstream.fusion.state_dict())
+
+    stage = t[task]
+    groups = [{"name": "fusion", "params": model.fusion.parameters(), "lr": float(stage["fusion_lr" if bits else "lr"])}]
+    if bits:
+        heads = [*model.image_head.parameters(), *model.text_head.parameters()]
+        groups.append({"name": "hash", "params": heads, "lr": float(stage["lr"])})
+    optimizer = build_optimizer(t["optimizer"], groups)
+    epochs = int(stage["epochs"])
+    state = TrainState(
+        runner=Runner(model, loss, str(t["inputs"]), float(stage["hash_weight"]) if bits else None),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, t["schedule"], epochs),
+        precision=Precision(str(t["precision"]), device),
+    )
+    live = Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=False)
+    hooks = [
+        Validator(val, train, every=int(t["eval_every"]), epochs=epochs, batch_size=int(t["batch_size"]), topk=int(t["select_topk"])),
+        Checkpointer(out_path),
+        EarlyStopping(int(t["patience"]), float(t["min_delta"])),
+        LiveLogger(live),
+    ]
+    generator = torch.Generator().manual_seed(int(get(params, "seed")))
+    log.info("%s: %d train / %d val pairs, loss %s, %d epochs on %s", task, len(train), len(val), loss_name, epochs, device)
+    fit(state, train, epochs=epochs, batch_size=int(t["batch_size"]), clip_grad_norm=float(t["clip_grad_norm"]), hooks=hooks, generator=generator)
+    live.end()
+    log.info("%s: best val MAP@%s %.4f at epoch %d", task, t["select_topk"], state.best, state.best_epoch)
+    return state.best

@@ -1,0 +1,91 @@
+import os
+
+import pytest
+import torch
+
+from cmhash.errors import DataError
+from cmhash.models import CrossModalHasher, encode, load_checkpoint, save_checkpoint, to_codes
+
+D = 16
+
+
+def make_model(bits=32, arch="reference"):
+    torch.manual_seed(0)
+    cfg = {"model": {"arch": arch, "d_model": None, "nhead": 2, "num_layers": 2, "dim_feedforward": 64,
+                     "dropout": 0.1, "hash_hidden": 64, "hash_dropout": 0.3}, "feature_dim": D, "bits": bits}
+    return CrossModalHasher(cfg)
+
+
+def features(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+
+
+@pytest.mark.parametrize("protocol", ["strict", "paired"])
+def test_an_items_code_does_not_depend_on_its_batch_mates(protocol):
+    """Reference flaw 2: its encoder let items of one batch attend to each other."""
+    model = make_model()
+    image, text = features(50)
+    in_batch = encode(model, image, text, protocol)
+    for i in (0, 17, 49):
+        alone = encode(model, image[i : i + 1], text[i : i + 1], protocol)
+        for a, b in zip(alone, in_batch):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-5, atol=1e-6)
+            assert torch.equal(to_codes(a[0]), to_codes(b[i]))
+
+
+def test_strict_image_code_ignores_the_text_and_paired_does_not():
+    """Reference flaw 1: a real image query has no caption."""
+    model = make_model()
+    image, text = features(8)
+    _, other_text = features(8, seed=2)
+    strict_image, strict_text = encode(model, image, text, "strict")
+    assert torch.equal(encode(model, image, other_text, "strict")[0], strict_image)
+    assert torch.equal(encode(model, image * 0 + 1, text, "strict")[1], strict_text)
+    assert not torch.allclose(encode(model, image, other_text, "paired")[0], encode(model, image, text, "paired")[0])
+
+
+def test_every_item_is_encoded():
+    """Reference flaw 3: drop_last silently dropped query/database items."""
+    model = make_model()
+    image, text = features(1001)
+    out_image, out_text = encode(model, image, text, "strict", batch_size=256)
+    assert len(out_image) == len(out_text) == 1001
+
+
+def test_hash_outputs_are_unit_norm_tanh_and_codes_are_pm1():
+    model = make_model(bits=16)
+    out_image, out_text = encode(model, *features(20), "strict")
+    assert out_image.shape == (20, 16)
+    torch.testing.assert_close(out_image.norm(dim=1), torch.ones(20))
+    assert out_image.abs().max() <= 1
+    assert set(to_codes(out_image).unique().tolist()) <= {-1, 1}
+    assert to_codes(torch.tensor([0.0, -0.0, -1e-9])).tolist() == [1, 1, -1]
+
+
+def test_task0_model_returns_embeddings_of_half_d_model():
+    model = make_model(bits=None)
+    out_image, _ = encode(model, *features(5), "paired")
+    assert out_image.shape == (5, D)  # d_model = 2 * D, split into halves
+
+
+def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
+    model = make_model()
+    save_checkpoint(tmp_path / "m.pt", model, epoch=3)
+    back, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["epoch"] == 3 and back.config == model.config
+    for a, b in zip(encode(model, *features(4), "strict"), encode(back, *features(4), "strict")):
+        assert torch.equal(a, b)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"config": {}, "state_dict": {}, "evil": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()

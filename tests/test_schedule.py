@@ -1,0 +1,209 @@
+"""LR schedules against closed-form formulas written here, independently of torch's schedulers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cmhash.errors import ConfigError
+from cmhash.training.schedule import SCHEDULES, build_scheduler
+
+BASES = (1e-4, 1e-3)  # fusion-like and hash-head-like param groups
+WARMUP_LR = 1e-6
+ETA_MIN = 1e-6
+
+
+def optimizer() -> torch.optim.Optimizer:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in BASES]
+    return torch.optim.SGD(groups)
+
+
+def lr_curve(cfg: dict, epochs: int) -> list[tuple[float, ...]]:
+    """The lr of each group during epochs 0..epochs-1, plus the value left after the last step,
+    stepping once per epoch as the training loop does."""
+    opt = optimizer()
+    scheduler = build_scheduler(opt, cfg, epochs)
+    curve = []
+    for _ in range(epochs):
+        curve.append(tuple(group["lr"] for group in opt.param_groups))
+        opt.step()
+        scheduler.step()
+    curve.append(tuple(group["lr"] for group in opt.param_groups))
+    return curve
+
+
+def warmup(base: float, epoch: int, warmup_epochs: int) -> float:
+    return WARMUP_LR + (base - WARMUP_LR) * epoch / warmup_epochs
+
+
+def cosine(base: float, t: float, period: float) -> float:
+    return ETA_MIN + (base - ETA_MIN) * (1 + math.cos(math.pi * t / period)) / 2
+
+
+def restart_position(t: int, period: int, mult: int) -> tuple[int, int]:
+    """(epochs since the last restart, current cycle length) after t epochs of warm restarts."""
+    while t >= period:
+        t, period = t - period, period * mult
+    return t, period
+
+
+def expected(name: str, cfg: dict, epochs: int, base: float, epoch: int) -> float:
+    w = cfg["warmup_epochs"]
+    if epoch < w:
+        return warmup(base, epoch, w)
+    t = epoch - w
+    if name == "cosine":
+        return cosine(base, t, epochs - w)
+    if name == "cosine_restarts":
+        return cosine(base, *restart_position(t, cfg["restart_period"], cfg["restart_mult"]))
+    if name == "step":
+        return base * cfg["gamma"] ** (t // cfg["step_size"])
+    if name == "multistep":
+        return base * cfg["gamma"] ** sum(m <= epoch for m in cfg["milestones"])
+    return base  # constant
+
+
+CASES = {  # name -> (cfg, epochs)
+    "cosine": ({"name": "cosine", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "eta_min": ETA_MIN}, 12),
+    "cosine_restarts": ({"name": "cosine_restarts", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "eta_min": ETA_MIN,
+                         "restart_period": 3, "restart_mult": 2}, 16),
+    "step": ({"name": "step", "warmup_epochs": 3, "warmup_lr": WARMUP_LR, "step_size": 4, "gamma": 0.5}, 15),
+    "multistep": ({"name": "multistep", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "milestones": [5, 8],
+                   "gamma": 0.1}, 10),
+    "constant": ({"name": "constant", "warmup_epochs": 4, "warmup_lr": WARMUP_LR}, 7),
+}
+
+
+def test_every_schedule_has_a_case() -> None:
+    assert set(CASES) == set(SCHEDULES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_whole_curve_matches_formula(name: str) -> None:
+    cfg, epochs = CASES[name]
+    curve = lr_curve(cfg, epochs)
+    for epoch, lrs in enumerate(curve[:epochs]):
+        assert lrs == pytest.approx([expected(name, cfg, epochs, base, epoch) for base in BASES], rel=1e-9), epoch
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_warmup_starts_at_warmup_lr_in_every_group_and_reaches_each_base(name: str) -> None:
+    cfg, epochs = CASES[name]
+    curve = lr_curve(cfg, epochs)
+    w = cfg["warmup_epochs"]
+    assert curve[0] == pytest.approx((WARMUP_LR, WARMUP_LR), rel=1e-12)
+    # halfway through warm-up each group is at the midpoint of its own range
+    assert curve[w // 2] == pytest.approx([WARMUP_LR + (b - WARMUP_LR) * (w // 2) / w for b in BASES], rel=1e-12)
+    assert curve[w] == pytest.approx(BASES, rel=1e-9)
+
+
+def test_cosine_midpoint_and_end() -> None:
+    cfg, epochs = CASES["cosine"]  # 2 warm-up epochs, then 10 of cosine
+    curve = lr_curve(cfg, epochs)
+    assert curve[2 + 5] == pytest.approx([(b + ETA_MIN) / 2 for b in BASES], rel=1e-9)
+    assert curve[epochs] == pytest.approx((ETA_MIN, ETA_MIN), rel=1e-9)
+    assert all(a > b for a, b in zip(curve[2:], curve[3:]))  # strictly decreasing after warm-up
+
+
+def test_cosine_without_warmup_starts_at_base() -> None:
+    cfg = {"name": "cosine", "warmup_epochs": 0, "eta_min": 0.0}
+    curve = lr_curve(cfg, 4)
+    assert curve[0] == pytest.approx(BASES)
+    assert curve[2] == pytest.approx([b / 2 for b in BASES], rel=1e-9)
+    assert curve[4] == pytest.approx((0.0, 0.0), abs=1e-15)
+
+
+def test_cosine_restarts_jump_back_to_base_at_each_restart() -> None:
+    cfg, epochs = CASES["cosine_restarts"]  # warm-up 2, cycles of 3 then 6 then 12 epochs
+    curve = lr_curve(cfg, epochs)
+    for restart in (2, 2 + 3, 2 + 3 + 6):
+        assert curve[restart] == pytest.approx(BASES, rel=1e-9)
+        assert curve[restart - 1][1] < BASES[1]  # the epoch before a restart is annealed
+    # a third of the way into the 3-epoch cycle: cos(pi/3) = 1/2
+    assert curve[3] == pytest.approx([ETA_MIN + (b - ETA_MIN) * 0.75 for b in BASES], rel=1e-9)
+
+
+def test_step_drops_every_step_size_after_warmup() -> None:
+    cfg, epochs = CASES["step"]  # warm-up 3, x0.5 every 4 epochs from there
+    curve = lr_curve(cfg, epochs)
+    assert curve[6] == pytest.approx(BASES)
+    assert curve[7] == pytest.approx([b / 2 for b in BASES])
+    assert curve[11] == pytest.approx([b / 4 for b in BASES])
+
+
+def test_multistep_milestones_are_absolute_epochs() -> None:
+    cfg, epochs = CASES["multistep"]  # milestones [5, 8] counted from the start of training
+    curve = lr_curve(cfg, epochs)
+    assert curve[4] == pytest.approx(BASES)
+    assert curve[5] == pytest.approx([b * 0.1 for b in BASES])
+    assert curve[8] == pytest.approx([b * 0.01 for b in BASES])
+
+
+def test_resumed_schedule_continues_the_same_curve() -> None:
+    cfg, epochs = CASES["cosine_restarts"]
+    full = lr_curve(cfg, epochs)
+    first_opt = optimizer()
+    first = build_scheduler(first_opt, cfg, epochs)
+    for _ in range(4):  # stop inside the first cycle, after warm-up
+        first_opt.step()
+        first.step()
+    resumed_opt = optimizer()
+    resumed = build_scheduler(resumed_opt, cfg, epochs)
+    resumed_opt.load_state_dict(first_opt.state_dict())
+    resumed.load_state_dict(first.state_dict())
+    for epoch in range(4, epochs):
+        assert tuple(g["lr"] for g in resumed_opt.param_groups) == pytest.approx(full[epoch], rel=1e-9)
+        resumed_opt.step()
+        resumed.step()
+
+
+def test_yaml_style_string_numbers_are_accepted() -> None:
+    # PyYAML reads `1e-6` (no dot) as a string
+    cfg = {"name": "cosine", "warmup_epochs": 2, "warmup_lr": "1e-6", "eta_min": "1e-6"}
+    assert lr_curve(cfg, 12) == lr_curve(CASES["cosine"][0], 12)
+
+
+def test_unknown_name_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_scheduler(optimizer(), {"name": "cosin", "warmup_epochs": 0}, 5)
+    message = str(err.value)
+    assert "\n" not in message and "cosin" in message
+    assert all(name in message for name in SCHEDULES)
+
+
+COSINE = CASES["cosine"][0]
+STEP = CASES["step"][0]
+
+
+@pytest.mark.parametrize(("cfg", "epochs", "fragment"), [
+    (COSINE, 0, "epochs"),
+    (COSINE, -3, "epochs"),
+    ({**COSINE, "warmup_epochs": -1}, 10, "warmup_epochs"),
+    ({**COSINE, "warmup_epochs": 10}, 10, "warmup_epochs"),
+    ({**COSINE, "warmup_epochs": 1.5}, 10, "warmup_epochs"),
+    ({**COSINE, "warmup_lr": -1e-6}, 10, "warmup_lr"),
+    ({**COSINE, "warmup_lr": 5e-4}, 10, "warmup_lr"),  # above the first group's lr
+    ({**COSINE, "eta_min": -1e-6}, 10, "eta_min"),
+    ({**COSINE, "eta_min": 2e-4}, 10, "eta_min"),  # above the first group's lr
+    ({**COSINE, "eta_min": "small"}, 10, "eta_min"),
+    ({**COSINE, "eta_min": None}, 10, "eta_min"),
+    ({**COSINE, "warmup_epoch": 1}, 10, "warmup_epoch"),  # typo: unknown key
+    ({"name": "cosine", "warmup_epochs": 0}, 10, "eta_min"),  # missing key
+    ({**STEP, "gamma": 0}, 20, "gamma"),
+    ({**STEP, "gamma": -0.5}, 20, "gamma"),
+    ({**STEP, "gamma": 2.0}, 20, "gamma"),
+    ({**STEP, "step_size": 0}, 20, "step_size"),
+    ({**CASES["cosine_restarts"][0], "restart_period": 0}, 20, "restart_period"),
+    ({**CASES["cosine_restarts"][0], "restart_mult": 0}, 20, "restart_mult"),
+    ({**CASES["multistep"][0], "milestones": []}, 10, "milestones"),
+    ({**CASES["multistep"][0], "milestones": [8, 5]}, 10, "milestones"),
+    ({**CASES["multistep"][0], "milestones": [2, 5]}, 10, "milestones"),  # inside the warm-up
+    ({**CASES["multistep"][0], "milestones": [5, 10]}, 10, "milestones"),  # never reached
+    ("cosine", 10, "mapping"),
+])
+def test_bad_values_raise_one_line_config_error(cfg, epochs: int, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_scheduler(optimizer(), cfg, epochs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
