@@ -48,5 +48,7 @@ for name, command in STAGES.items():
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    # open_clip logs its set-up at INFO on the root logger: keep that for --verbose only.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    logging.getLogger("cmhash").setLevel(logging.DEBUG if verbose else logging.INFO)
