@@ -12,8 +12,9 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# dvc.yaml's commands call `cmhash`, so the venv's bin goes first on PATH.
 repro: $(INSTALLED)
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
