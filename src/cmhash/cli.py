@@ -7,10 +7,12 @@ import logging
 from typing import Callable
 
 import typer
+from rich.console import Console
 from rich.logging import RichHandler
 
 from cmhash.errors import CmhashError
 from cmhash.pipeline import evaluate, extract, prepare, train_fusion, train_hash
+from cmhash.search import commands as search
 
 app = typer.Typer(
     help="Unsupervised cross-modal hashing (UCMFH on CLIP features). Each command is one stage of "
@@ -42,13 +44,15 @@ STAGES = {
     "train-hash": train_hash.command,
     "evaluate": evaluate.command,
 }
-for name, command in STAGES.items():
+TOOLS = {"index": search.index, "search": search.search}  # use trained codes; not dvc.yaml stages
+for name, command in {**STAGES, **TOOLS}.items():
     app.command(name)(_one_line_errors(command))
 
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging.")) -> None:
-    # open_clip logs its set-up at INFO on the root logger: keep that for --verbose only.
+    # open_clip logs its set-up at INFO on the root logger: keep that for --verbose only. Logs go to
+    # stderr, so stdout holds only results (`cmhash search --json | jq` works).
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)], force=True)
     logging.getLogger("cmhash").setLevel(logging.DEBUG if verbose else logging.INFO)

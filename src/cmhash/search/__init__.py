@@ -1,0 +1,7 @@
+"""Use trained codes: `cmhash index` packs a collection's codes into FAISS binary indexes,
+`cmhash search` encodes one query the same way and ranks the other modality by Hamming distance.
+
+index.py     the code index on disk and exact top-k search (ties by database row)
+encoder.py   CLIP (seeded as extract seeds it) + a hash model -> ±1 codes, strict protocol
+commands.py  the two Typer commands
+"""

@@ -1,0 +1,286 @@
+"""`cmhash index` and `cmhash search` on the tiny pipeline, checked against evaluate's saved codes
+and a plain NumPy XOR + popcount; exact top-k tie order; every one-line error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cmhash.cli import app
+from cmhash.data.manifest import read_split
+from cmhash.features import load_features
+from cmhash.search.encoder import ClipEncoder
+from cmhash.search.index import CodeIndex, binary_index, hamming_topk
+from test_cli import one_line_error
+
+PIPELINE = ("prepare", "extract", "train-fusion", "train-hash", "evaluate")
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def last_error_line(result) -> str:
+    """Errors found after CLIP loads follow its random-weights warning; the error is still one line, last."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = [x for x in result.output.splitlines() if x.strip()][-1]
+    assert line.startswith("error: "), result.output
+    return line
+
+
+def hamming_by_numpy(query: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """Packed uint8 codes: popcount of XOR, byte by byte."""
+    return np.bitwise_count(np.bitwise_xor(db, query[None, :])).sum(axis=1)
+
+
+def search_json(*args) -> dict:
+    return json.loads(ok(invoke("search", *args, "--json")).stdout)
+
+
+# ---------------------------------------------------------------- exact top-k, no pipeline
+
+
+@pytest.mark.parametrize(("n", "bits", "k"), [(2000, 8, 10), (2000, 16, 50), (300, 64, 7), (40, 16, 100), (5000, 8, 1)])
+def test_hamming_topk_is_exact_with_ties_by_row(n, bits, k):
+    rng = np.random.default_rng(n + bits + k)
+    db = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)  # 8 bits: hundreds of rows tied at each distance
+    queries = rng.integers(0, 256, (25, bits // 8), dtype=np.uint8)
+    dist, rows = hamming_topk(binary_index(db), queries, k)
+    assert dist.shape == rows.shape == (25, min(k, n))
+    for q, query in enumerate(queries):
+        expected = hamming_by_numpy(query, db)
+        order = np.argsort(expected, kind="stable")[: min(k, n)]  # by distance, then by row
+        np.testing.assert_array_equal(rows[q], order)
+        np.testing.assert_array_equal(dist[q], expected[order])
+
+
+def test_codes_near_a_label_prototype_find_that_label():
+    """The property search serves, on codes built by hand: items are a label's prototype code with a
+    few bits flipped; a query near a prototype retrieves items of that label far above chance."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 4000)
+    prototypes = rng.integers(0, 2, (8, 64))
+    flips = rng.random((4000, 64)) < 0.15
+    db = np.packbits(prototypes[labels] ^ flips, axis=1)
+    queries = np.packbits(prototypes ^ (rng.random((8, 64)) < 0.15), axis=1)
+    _, rows = hamming_topk(binary_index(db), queries, 10)
+    share = (labels[rows] == np.arange(8)[:, None]).mean()
+    assert share > 0.9 > 1 / 8
+
+
+# ---------------------------------------------------------------- the tiny pipeline
+
+
+@pytest.fixture(scope="session")
+def _built(tmp_path_factory) -> dict:
+    return {"cache": tmp_path_factory.mktemp("tiny_pipeline"), "done": False}
+
+
+@pytest.fixture
+def pipeline(params_file, _built) -> Path:
+    """The tiny pipeline (conftest `params`), run once through the CLI; every test works on its own
+    copy of stages/ in its tmp_path (the working directory)."""
+    cache = _built["cache"] / "stages"
+    if not _built["done"]:
+        for command in PIPELINE:
+            ok(invoke(command, "--params", params_file))
+        shutil.copytree("stages", cache)
+        _built["done"] = True
+    else:
+        shutil.copytree(cache, "stages")
+    return params_file
+
+
+@pytest.fixture
+def split_index(pipeline) -> Path:
+    ok(invoke("index", "--split", "retrieval", "--params", pipeline))
+    return Path("stages/index")
+
+
+def codes_of(index: faiss.IndexBinary) -> np.ndarray:
+    return index.reconstruct_n(0, index.ntotal)
+
+
+@pytest.mark.slow
+def test_split_index_holds_evaluates_codes_and_the_model_it_came_from(split_index):
+    code_index = CodeIndex.load(split_index)
+    meta = code_index.meta
+    assert meta["bits"] == 16  # params bits [16, 32]: no 64, so the first
+    assert meta["modalities"] == ["image", "text"] and meta["source"] == {"split": "retrieval"}
+    checkpoint = Path("stages/hash/16/model.pt")
+    assert meta["model"] == {"checkpoint": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    assert meta["clip"]["seed"] == 2023 and meta["clip"]["clip_model"] == "cmhash-tiny" and meta["clip"]["random_init"] is True
+    # the codes are the ones evaluate scored (strict protocol), row for row
+    saved = np.load("stages/evaluate/strict/16.npz")
+    np.testing.assert_array_equal(codes_of(code_index.codes["image"]), saved["retrieval_image"])
+    np.testing.assert_array_equal(codes_of(code_index.codes["text"]), saved["retrieval_text"])
+    manifest = {it.id: it for it in read_split(Path("stages/prepare/retrieval.jsonl"))}
+    assert [item["id"] for item in code_index.items] == load_features("stages/extract/retrieval.pkl").meta["ids"]
+    assert all(manifest[item["id"]].caption == item["caption"] for item in code_index.items)
+    assert not list(Path("stages").glob(".index*"))  # no temporary folder left behind
+
+
+@pytest.mark.slow
+def test_the_query_encoder_reproduces_extracts_features(split_index):
+    """Queries are encoded by CLIP rebuilt from the recorded seed: same features as extract made."""
+    encoder = ClipEncoder.load(CodeIndex.load(split_index).meta["clip"], torch.device("cpu"))
+    query = load_features("stages/extract/query.pkl")
+    items = {it.id: it for it in read_split(Path("stages/prepare/query.jsonl"))}
+    rows = [items[i] for i in query.meta["ids"]]
+    image, decoded, _ = encoder.images([it.image for it in rows])
+    assert decoded.all()
+    np.testing.assert_allclose(encoder.captions([it.caption for it in rows]), query.text.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(image, query.image.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_search_ranks_the_other_modality_like_a_numpy_scan(split_index):
+    """Query items, both ways: the query's code is evaluate's (so the query was encoded the same
+    way), and the results are a full XOR-popcount scan sorted by (distance, row)."""
+    saved = np.load("stages/evaluate/strict/16.npz")
+    query_ids = load_features("stages/extract/query.pkl").meta["ids"]
+    items = {it.id: it for it in read_split(Path("stages/prepare/query.jsonl"))}
+    for direction, (option, query_codes, db_codes, searched) in {
+        "t2i": ("--text", "query_text", "retrieval_image", "image"),
+        "i2t": ("--image", "query_image", "retrieval_text", "text"),
+    }.items():
+        for row, item_id in enumerate(query_ids[:6]):  # half the query set keeps it quick; the next test runs all
+            item = items[item_id]
+            found = search_json(option, item.caption if option == "--text" else item.image, "-k", 10)
+            assert found["searched"] == searched and found["bits"] == 16
+            expected = hamming_by_numpy(saved[query_codes][row], saved[db_codes])
+            order = np.argsort(expected, kind="stable")[:10]
+            got = found["results"]
+            assert [r["rank"] for r in got] == list(range(1, 11))
+            assert [r["row"] for r in got] == order.tolist(), f"{direction} query {item_id}"
+            assert [r["distance"] for r in got] == expected[order].tolist()
+            assert [(r["distance"], r["row"]) for r in got] == sorted((r["distance"], r["row"]) for r in got)
+
+
+@pytest.mark.slow
+def test_text_search_label_agreement_is_what_the_codes_give(split_index):
+    """Text -> image results share a label with the query item exactly as often as evaluate's codes
+    say they should. (The tiny 2-epoch model on random 32-px CLIP features is near chance, so the
+    rate is compared with the codes, not with a threshold; the threshold property is checked on
+    hand-built codes above.)"""
+    saved = np.load("stages/evaluate/strict/16.npz")
+    labels = np.load("stages/evaluate/labels.npz")
+    query_ids = load_features("stages/extract/query.pkl").meta["ids"]
+    items = {it.id: it for it in read_split(Path("stages/prepare/query.jsonl"))}
+    names = json.loads(Path("stages/prepare/labels.json").read_text())["labels"]
+    shared_by_search, shared_by_codes = [], []
+    for row, item_id in enumerate(query_ids):
+        query_labels = {names[c] for c in items[item_id].labels}
+        results = search_json("--text", items[item_id].caption, "-k", 5)["results"]
+        shared_by_search += [bool(query_labels & set(r["labels"])) for r in results]
+        order = np.argsort(hamming_by_numpy(saved["query_text"][row], saved["retrieval_image"]), kind="stable")[:5]
+        shared_by_codes += ((labels["retrieval"][order] @ labels["query"][row]) > 0).tolist()
+    assert shared_by_search == shared_by_codes
+
+
+@pytest.mark.slow
+def test_table_output(split_index):
+    result = ok(invoke("search", "--text", "a red heart", "-k", 3))
+    assert "rank" in result.stdout and "distance" in result.stdout and "labels" in result.stdout
+    assert "stages/prepare/images/" in result.stdout
+
+
+@pytest.mark.slow
+def test_image_folder_and_captions_file_sources(pipeline):
+    folder = Path("photos/sub")
+    folder.mkdir(parents=True)
+    for path in sorted(Path("stages/prepare/images").glob("*.png"))[:6]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_text("not an image")
+    result = ok(invoke("index", "--images", "photos", "--params", pipeline, "--out-dir", "photo_index"))
+    assert "skipped 1 unreadable image" in result.output
+    photos = CodeIndex.load(Path("photo_index"))
+    assert sorted(photos.codes) == ["image"] and len(photos.items) == 6 and photos.items[0]["id"].startswith("sub/")
+    found = search_json("--text", "a blue square", "--index-dir", "photo_index", "-k", 100)
+    assert len(found["results"]) == 6 and {r["id"] for r in found["results"]} == {i["id"] for i in photos.items}
+
+    Path("captions.jsonl").write_text('{"caption": "a red heart", "id": "h", "labels": ["heart"]}\n\n"a blue ring"\n')
+    ok(invoke("index", "--captions", "captions.jsonl", "--params", pipeline, "--out-dir", "caption_index"))
+    captions = CodeIndex.load(Path("caption_index"))
+    assert sorted(captions.codes) == ["text"]
+    assert captions.items == [{"id": "h", "caption": "a red heart", "labels": ["heart"]}, {"id": "3", "caption": "a blue ring", "labels": []}]
+    found = search_json("--image", str(folder / sorted(p.name for p in folder.glob("*.png"))[0]), "--index-dir", "caption_index")
+    assert found["searched"] == "text" and len(found["results"]) == 2
+
+
+# ---------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.slow
+def test_search_errors(split_index, tmp_path):
+    assert "exactly one of --text" in one_line_error(invoke("search"))
+    assert "exactly one of --text" in one_line_error(invoke("search", "--text", "x", "--image", "y.png"))
+    assert "--text is empty" in one_line_error(invoke("search", "--text", " "))
+    assert "at least 1" in one_line_error(invoke("search", "--text", "x", "-k", 0))
+    assert "image not found: nope.png" in one_line_error(invoke("search", "--image", "nope.png"))
+    Path("bad.png").write_text("not an image")
+    assert "cannot read image bad.png" in last_error_line(invoke("search", "--image", "bad.png"))
+    message = one_line_error(invoke("search", "--text", "x", "--index-dir", "nowhere"))
+    assert "no index in nowhere" in message and "cmhash index --split retrieval" in message
+    message = one_line_error(invoke("search", "--text", "x", "--model", "stages/hash/32/model.pt"))
+    assert "model/index mismatch" in message and "32-bit" in message and "16-bit" in message
+
+
+@pytest.mark.slow
+def test_a_retrained_model_does_not_match_the_index(split_index):
+    checkpoint = Path("stages/hash/16/model.pt")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    next(iter(ckpt["state_dict"].values())).add_(0.01)
+    torch.save(ckpt, checkpoint)
+    message = one_line_error(invoke("search", "--text", "x"))
+    assert "model/index mismatch" in message and "sha256 differs" in message and "cmhash index" in message
+
+
+@pytest.mark.slow
+def test_a_query_of_the_wrong_modality_for_the_index(pipeline):
+    Path("captions.txt").write_text("a red heart\na blue ring\n")
+    ok(invoke("index", "--captions", "captions.txt", "--params", pipeline))
+    message = one_line_error(invoke("search", "--text", "a heart"))
+    assert "holds only text codes" in message and "--image" in message
+
+
+@pytest.mark.slow
+def test_index_errors_leave_the_previous_index(split_index, pipeline):
+    before = {p.name: p.read_bytes() for p in split_index.iterdir()}
+    assert "exactly one of" in one_line_error(invoke("index", "--params", pipeline))
+    assert "exactly one of" in one_line_error(invoke("index", "--split", "query", "--images", ".", "--params", pipeline))
+    assert "unknown --split 'test'" in one_line_error(invoke("index", "--split", "test", "--params", pipeline))
+    Path("empty").mkdir()
+    assert "no image files" in one_line_error(invoke("index", "--images", "empty", "--params", pipeline))
+    assert "image folder not found" in one_line_error(invoke("index", "--images", "nope", "--params", pipeline))
+    Path("blank.txt").write_text("\n")
+    assert "no captions in blank.txt" in one_line_error(invoke("index", "--captions", "blank.txt", "--params", pipeline))
+    Path("bad.jsonl").write_text('{"id": 1}\n')
+    assert "bad.jsonl:1: expected a non-empty caption" in one_line_error(invoke("index", "--captions", "bad.jsonl", "--params", pipeline))
+    assert "no 64-bit hash model" in one_line_error(invoke("index", "--split", "retrieval", "--bits", 64, "--params", pipeline))
+    assert "multiple of 8" in one_line_error(invoke("index", "--split", "retrieval", "--bits", 12, "--params", pipeline))
+    assert {p.name: p.read_bytes() for p in split_index.iterdir()} == before
+    assert not list(Path("stages").glob(".index*"))
+
+
+@pytest.mark.slow
+def test_index_with_another_seed_than_extract_is_refused(pipeline):
+    """A random-init CLIP depends on the seed: indexing with another one would encode queries with a
+    different network than the one the database features came from."""
+    pipeline.write_text(pipeline.read_text().replace("seed: 2023", "seed: 7"))
+    message = last_error_line(invoke("index", "--split", "retrieval", "--params", pipeline))
+    assert "seed 2023" in message and "7" in message
+    assert not Path("stages/index").exists()
