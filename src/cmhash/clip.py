@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
@@ -25,6 +26,7 @@ class Clip:
     model: torch.nn.Module
     preprocess: Callable  # PIL image -> tensor, open_clip's own eval transform
     tokenizer: Callable  # list[str] -> LongTensor
+    dim: int  # feature size of encode_image and encode_text
     meta: dict[str, Any]  # what the features were made with; stored in every feature file
 
 
@@ -34,6 +36,49 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Digest of every parameter and buffer (names, dtypes, shapes, values): which weights these are."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Hold(logging.Handler):
+    """Stands in for one logger's handlers: keeps each record with the handlers it was meant for."""
+
+    def __init__(self, held: list, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self.held, self.handlers = held, handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append((self.handlers, record))
+
+
+@contextmanager
+def _held_logs() -> Iterator[None]:
+    """Hold back what is logged while the weights load, and pass it on only if loading succeeds.
+    A failed download makes huggingface_hub log every retry (on its own handler and the root's)
+    and open_clip log the failure; our one-line error replaces all of that."""
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger) and logger.handlers
+    ]
+    saved = {logger: logger.handlers[:] for logger in loggers}
+    held: list[tuple[list[logging.Handler], logging.LogRecord]] = []
+    for logger in loggers:
+        logger.handlers = [_Hold(held, saved[logger])]
+    try:
+        yield
+    finally:
+        for logger, handlers in saved.items():
+            logger.handlers = handlers
+    for handlers, record in held:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
@@ -53,7 +98,8 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none known"
         raise ConfigError(f"clip.pretrained '{pretrained}' is neither a file nor a tag of {model_name} ({tags}); or use none")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
+        with _held_logs():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
         if weights is not None and not Path(weights).is_file():
             raise ConfigError(
@@ -63,4 +109,5 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
         raise ConfigError(f"cannot load CLIP weights {weights}: {str(exc).splitlines()[0]}") from None
     model.eval()
     meta["preprocess"] = repr(preprocess)
-    return Clip(model, preprocess, open_clip.get_tokenizer(model_name), meta)
+    dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+    return Clip(model, preprocess, open_clip.get_tokenizer(model_name), dim, meta)

@@ -4,7 +4,7 @@ Every dataset (the offline demo and each real importer) produces the same thing,
 `Collection`, and `prepare` writes it out in this form:
 
     stages/prepare/<split>.jsonl   {"id": "...", "image": "path", "caption": "...", "labels": [0, 5]}
-    stages/prepare/labels.json     {"dataset": "...", "labels": ["name0", "name1", ...]}
+    stages/prepare/labels.json     {"dataset": "...", "options": {...}, "seed": N, "labels": ["name0", ...]}
 
 `image` is a path as the importer found it (absolute, or relative to the directory the
 pipeline runs in); `labels` are indices into the label names.
@@ -77,8 +77,9 @@ def read_split(path: Path) -> list[Item]:
     return items
 
 
-def write_label_names(path: Path, dataset: str, names: list[str]) -> None:
-    atomic_write_text(path, json.dumps({"dataset": dataset, "labels": names}, indent=2) + "\n")
+def write_label_names(path: Path, dataset: str, names: list[str], **about) -> None:
+    """`about`: what else identifies this version of the data (prepare adds the options and seed)."""
+    atomic_write_text(path, json.dumps({"dataset": dataset, **about, "labels": names}, indent=2) + "\n")
 
 
 def read_label_names(path: Path) -> list[str]:

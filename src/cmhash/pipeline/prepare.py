@@ -44,7 +44,7 @@ def run(params: dict, out_dir: Path) -> dict[str, int]:
     splits = make_splits(len(collection.items), query=int(opts["query"]), train=int(opts["train"]), val=int(opts["val"]), seed=seed)
     for split, rows in splits.items():
         write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])
-    write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names)
+    write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts, seed=seed)
     atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in collection.skipped))
     counts = {split: len(rows) for split, rows in splits.items()}
     log.info("prepare %s: %s pairs, %d labels; splits %s", name, len(collection.items), len(collection.label_names), counts)
