@@ -2,8 +2,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cmhash.errors import DataError
+from cmhash.errors import ConfigError, DataError
 from cmhash.models import CrossModalHasher, encode, load_checkpoint, save_checkpoint, to_codes
 
 D = 16
@@ -12,7 +13,7 @@ D = 16
 def make_model(bits=32, arch="reference"):
     torch.manual_seed(0)
     cfg = {"model": {"arch": arch, "d_model": None, "nhead": 2, "num_layers": 2, "dim_feedforward": 64,
-                     "dropout": 0.1, "hash_hidden": 64, "hash_dropout": 0.3}, "feature_dim": D, "bits": bits}
+                     "dropout": 0.1, "attention_dropout": 0.1, "hash_hidden": 64, "hash_dropout": 0.3}, "feature_dim": D, "bits": bits}
     return CrossModalHasher(cfg)
 
 
@@ -21,10 +22,14 @@ def features(n, seed=1):
     return torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
 
 
+ARCHS = ["reference", "cross_attention"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("protocol", ["strict", "paired"])
-def test_an_items_code_does_not_depend_on_its_batch_mates(protocol):
+def test_an_items_code_does_not_depend_on_its_batch_mates(protocol, arch):
     """Reference flaw 2: its encoder let items of one batch attend to each other."""
-    model = make_model()
+    model = make_model(arch=arch)
     image, text = features(50)
     in_batch = encode(model, image, text, protocol)
     for i in (0, 17, 49):
@@ -34,15 +39,40 @@ def test_an_items_code_does_not_depend_on_its_batch_mates(protocol):
             assert torch.equal(to_codes(a[0]), to_codes(b[i]))
 
 
-def test_strict_image_code_ignores_the_text_and_paired_does_not():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_strict_image_code_ignores_the_text_and_paired_does_not(arch):
     """Reference flaw 1: a real image query has no caption."""
-    model = make_model()
+    model = make_model(arch=arch)
     image, text = features(8)
     _, other_text = features(8, seed=2)
     strict_image, strict_text = encode(model, image, text, "strict")
     assert torch.equal(encode(model, image, other_text, "strict")[0], strict_image)
     assert torch.equal(encode(model, image * 0 + 1, text, "strict")[1], strict_text)
     assert not torch.allclose(encode(model, image, other_text, "paired")[0], encode(model, image, text, "paired")[0])
+
+
+def test_cross_attention_masks_an_absent_modality_item_by_item():
+    """An item with no caption in a batch of full pairs gets what it gets alone with no caption,
+    and its image embedding owes nothing to the text encoder (no learned stand-in for the text)."""
+    model = make_model(arch="cross_attention").eval()
+    image, text = features(10)
+    text[3] = 0
+    with torch.no_grad():
+        mixed_image, mixed_text = model.fusion(F.normalize(image, dim=1), F.normalize(text, dim=1))
+        alone_image, _ = model.fusion(F.normalize(image[3:4], dim=1), text[3:4])
+        torch.testing.assert_close(mixed_image[3], alone_image[0], rtol=1e-5, atol=1e-6)
+        strict_image = encode(model, image, text, "strict")[0]
+        for p in model.fusion.text_encoder.parameters():
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(encode(model, image, text, "strict")[0], strict_image)
+        assert not torch.allclose(model.fusion(F.normalize(image, dim=1), F.normalize(text, dim=1))[0][0], mixed_image[0])
+    assert not torch.isnan(model.fusion(torch.zeros(2, D), torch.zeros(2, D))[0]).any()  # nothing at all: no NaN
+
+
+def test_cross_attention_rejects_a_width_the_heads_do_not_divide():
+    with pytest.raises(ConfigError, match="divisible by model.nhead"):
+        CrossModalHasher({"model": {**make_model().config["model"], "arch": "cross_attention", "d_model": 20, "nhead": 4},
+                          "feature_dim": D, "bits": None})
 
 
 def test_every_item_is_encoded():

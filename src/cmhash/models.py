@@ -1,7 +1,11 @@
 """UCMFH: a fusion transformer over CLIP features (task 0) and hash heads on top of it (task 1).
 
-Every item is encoded on its own: the encoder sees a batch of one-token sequences
-([B, 1, d_model], batch_first), so an item's code never depends on its batch-mates (unlike the
+Fusion architectures (params.yaml `model.arch`, the FUSIONS registry):
+  reference        concat(image, text) as one token -> TransformerEncoder (the public code)
+  cross_attention  per-modality transformers, then cross-attention within the pair (the seed's variant)
+
+Every item is encoded on its own: the encoders see a batch of per-item sequences ([B, 1, d],
+at most [B, 2, d], batch_first), so an item's code never depends on its batch-mates (unlike the
 reference, which feeds a 2-D batch to a sequence-first encoder and lets items attend to each other).
 
 Two ways to encode, matching the two evaluation protocols:
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmhash.config import choose
+from cmhash.config import choose, get
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
 
@@ -45,7 +49,78 @@ class ReferenceFusion(nn.Module):
         return image_part, text_part
 
 
-FUSIONS: dict[str, type[nn.Module]] = {"reference": ReferenceFusion}
+class TokenEncoder(nn.Module):
+    """One modality's feature as a one-token sequence -> (Linear to `width`) -> TransformerEncoder."""
+
+    def __init__(self, feature_dim: int, width: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.input = nn.Identity() if width == feature_dim else nn.Linear(feature_dim, width)
+        layer = nn.TransformerEncoderLayer(width, nhead, dim_feedforward, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(self.input(x).unsqueeze(1))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Post-norm, like nn.TransformerEncoderLayer, but the query attends to a `memory` sequence:
+    x + Dropout(MHA(x, memory)) -> LayerNorm -> x + Dropout(FF) -> LayerNorm."""
+
+    def __init__(self, width: int, nhead: int, dim_feedforward: int, dropout: float, attention_dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, nhead, dropout=attention_dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(width, dim_feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_feedforward, width))
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, memory: Tensor, key_padding_mask: Tensor) -> Tensor:
+        attended, _ = self.attn(x, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)
+        x = self.norm1(x + self.dropout(attended))
+        return self.norm2(x + self.dropout(self.ff(x)))
+
+
+class CrossAttentionFusion(nn.Module):
+    """The seed's variant: an image transformer and a text transformer (each over its item's one
+    token, [B, 1, w] with w = d_model / 2), then cross-attention both ways - the image token
+    attends over the item's (image, text) token pair, and so does the text token - then each
+    output is L2-normalised on its own. Attention never crosses items: every item is encoded
+    independently of its batch-mates.
+
+    An absent modality (an all-zero feature: the strict protocol's empty slot) is masked out of
+    the cross-attention keys rather than fed in as zeros. A zero input is not "nothing": the
+    encoder turns it into a learned constant token, the present modality would give it attention
+    weight, and the strict embedding would be built partly from a made-up partner. With the mask
+    the strict image embedding is exactly the image's own path (image encoder -> attention over
+    itself -> FF). If both modalities of an item are absent nothing is masked (softmax over no
+    keys would be NaN). `attention_dropout` drops attention weights; `dropout` is every other
+    dropout (encoders, residuals, feed-forward)."""
+
+    extra_knobs = ("attention_dropout",)  # params.yaml model.<knob>, beyond the shared ones
+
+    def __init__(self, feature_dim: int, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float,
+                 attention_dropout: float) -> None:
+        super().__init__()
+        width = d_model // 2
+        if d_model % 2 or width % nhead:
+            raise ConfigError(f"model.d_model={d_model} must be even and d_model/2 divisible by model.nhead={nhead}")
+
+        self.image_encoder = TokenEncoder(feature_dim, width, nhead, num_layers, dim_feedforward, dropout)
+        self.text_encoder = TokenEncoder(feature_dim, width, nhead, num_layers, dim_feedforward, dropout)
+        self.image_cross = CrossAttentionBlock(width, nhead, dim_feedforward, dropout, attention_dropout)
+        self.text_cross = CrossAttentionBlock(width, nhead, dim_feedforward, dropout, attention_dropout)
+        self.embed_dim = width
+
+    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        absent = torch.stack([image.eq(0).all(dim=1), text.eq(0).all(dim=1)], dim=1)  # [B, 2], True = masked key
+        absent &= ~absent.all(dim=1, keepdim=True)
+        image_token, text_token = self.image_encoder(image), self.text_encoder(text)  # [B, 1, w] each
+        pair = torch.cat([image_token, text_token], dim=1)  # [B, 2, w]: the item's own two tokens
+        image_out = self.image_cross(image_token, pair, absent).squeeze(1)
+        text_out = self.text_cross(text_token, pair, absent).squeeze(1)
+        return F.normalize(image_out, dim=1), F.normalize(text_out, dim=1)
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"reference": ReferenceFusion, "cross_attention": CrossAttentionFusion}
 
 
 class HashHead(nn.Module):
@@ -66,9 +141,10 @@ class CrossModalHasher(nn.Module):
         super().__init__()
         self.config = config
         m = config["model"]
-        arch = choose(m["arch"], FUSIONS, "model.arch")
-        self.fusion = FUSIONS[arch](
-            config["feature_dim"], m["d_model"] or 2 * config["feature_dim"], m["nhead"], m["num_layers"], m["dim_feedforward"], m["dropout"]
+        fusion = FUSIONS[choose(m["arch"], FUSIONS, "model.arch")]
+        extra = {knob: get(config, f"model.{knob}") for knob in getattr(fusion, "extra_knobs", ())}
+        self.fusion = fusion(
+            config["feature_dim"], m["d_model"] or 2 * config["feature_dim"], m["nhead"], m["num_layers"], m["dim_feedforward"], m["dropout"], **extra
         )
         bits = config.get("bits")
         self.image_head = HashHead(self.fusion.embed_dim, m["hash_hidden"], bits, m["hash_dropout"]) if bits else None

@@ -2,6 +2,7 @@
 
 reads   stages/extract/{train,val}.pkl
 writes  stages/fusion/model.pt (best val MAP), metrics/fusion/ (dvclive curves + summary)
+keeps   checkpoints/fusion/ while unfinished (git-ignored, not a DVC out): a re-run resumes it
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def command(
     features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
     out: Annotated[Path, typer.Option(help="best checkpoint (by val MAP).")] = Path("stages/fusion/model.pt"),
     metrics_dir: Annotated[Path, typer.Option(help="dvclive curves and summary.")] = Path("metrics/fusion"),
+    checkpoints: Annotated[Path, typer.Option(help="an unfinished run's state (last.pt, best.pt), to resume from.")] = Path("checkpoints/fusion"),
 ) -> None:
     """Task 0: train the fusion transformer; keep the checkpoint with the best val MAP."""
-    train_task(load_params(params), features_dir=features_dir, out_path=out, metrics_dir=metrics_dir)
+    train_task(load_params(params), features_dir=features_dir, out_path=out, metrics_dir=metrics_dir, checkpoint_dir=checkpoints)

@@ -2,6 +2,7 @@
 
 reads   stages/extract/{train,val}.pkl, stages/fusion/model.pt (initial fusion weights)
 writes  stages/hash/<bits>/model.pt (best val MAP), metrics/hash/<bits>/ (dvclive)
+keeps   checkpoints/hash/<bits>/ while unfinished (git-ignored, not a DVC out): a re-run resumes it
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def command(
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from.")] = Path("stages/fusion/model.pt"),
     out_dir: Annotated[Path, typer.Option(help="writes <out-dir>/<bits>/model.pt.")] = Path("stages/hash"),
     metrics_dir: Annotated[Path, typer.Option(help="dvclive curves per code length.")] = Path("metrics/hash"),
+    checkpoints: Annotated[Path, typer.Option(help="unfinished runs' state, <checkpoints>/<bits>/, to resume from.")] = Path("checkpoints/hash"),
 ) -> None:
     """Task 1: train hash heads (and fine-tune fusion) for every code length."""
     p = load_params(params)
     for b in bits or [int(x) for x in get(p, "bits")]:
-        train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", metrics_dir=metrics_dir / str(b), bits=b, init_from=fusion)
+        train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", metrics_dir=metrics_dir / str(b),
+                   checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)

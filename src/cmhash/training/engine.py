@@ -54,8 +54,11 @@ def fit(state: TrainState, train: Features, *, epochs: int, batch_size: int, cli
             for idx in batches(len(train), batch_size, generator, train.image.device):
                 with state.precision.autocast():
                     loss, outputs = state.runner.step(train.image[idx], train.text[idx])
-                state.precision.backward_step(loss, state.optimizer, params, clip_grad_norm)
-                meter.add(len(idx), {"loss": loss.item(), **pair_stats(*outputs)})
+                grad_norm = state.precision.backward_step(loss, state.optimizer, params, clip_grad_norm).item()
+                stats = {"loss": loss.item(), **pair_stats(*outputs)}
+                if math.isfinite(grad_norm):  # not on fp16 steps the scaler skipped
+                    stats["grad_norm"] = grad_norm  # before clipping
+                meter.add(len(idx), stats)
             state.scheduler.step()
             state.epoch += 1
             state.logs = {**meter.means("train"), **lrs}

@@ -1,4 +1,6 @@
-"""Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log."""
+"""Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log
+(then cmhash.training.resume.RunFolder saves the run). A hook with state that a resumed run
+needs back has state_dict()/load_state_dict()."""
 
 from __future__ import annotations
 
@@ -81,15 +83,35 @@ class EarlyStopping:
             self.bad += 1
             state.stop = self.bad >= self.patience
 
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, saved: dict[str, float]) -> None:
+        self.best, self.bad = saved["best"], int(saved["bad"])
+
 
 class LiveLogger:
-    """Every number of the epoch as a dvclive step curve; best-so-far in the summary."""
+    """Every number of the epoch as a dvclive step curve; best-so-far in the summary. Keeps the
+    rows it logged so a resumed run can write the earlier epochs' curves again: `dvc repro`
+    deletes a stage's outputs, metrics included, before it re-runs the stage."""
 
     def __init__(self, live) -> None:
         self.live = live
+        self.history: list[dict] = []
 
     def __call__(self, state: TrainState) -> None:
-        for name, value in state.logs.items():
+        self.log({"logs": dict(state.logs), "best": state.best, "best_epoch": state.best_epoch})
+
+    def log(self, row: dict) -> None:
+        for name, value in row["logs"].items():
             self.live.log_metric(name, value)
-        self.live.summary.update({"best_val_map": state.best, "best_epoch": state.best_epoch})
+        self.live.summary.update({"best_val_map": row["best"], "best_epoch": row["best_epoch"]})
         self.live.next_step()
+        self.history.append(row)
+
+    def state_dict(self) -> dict[str, list[dict]]:
+        return {"history": self.history}
+
+    def load_state_dict(self, saved: dict[str, list[dict]]) -> None:
+        for row in saved["history"]:
+            self.log(row)

@@ -25,16 +25,17 @@ def pair_stats(x: Tensor, y: Tensor) -> dict[str, float]:
 
 
 class Meter:
-    """Batch-size-weighted means of per-batch numbers."""
+    """Batch-size-weighted means of per-batch numbers; a number left out of a batch (e.g. the
+    grad norm of a step the fp16 scaler skipped) is averaged over the batches that have it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, n: int, values: dict[str, float]) -> None:
         for key, value in values.items():
             self.sums[key] += n * value
-        self.count += n
+            self.counts[key] += n
 
     def means(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/{key}": total / max(self.count, 1) for key, total in self.sums.items()}
+        return {f"{prefix}/{key}": total / self.counts[key] for key, total in self.sums.items()}

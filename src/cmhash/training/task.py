@@ -1,6 +1,6 @@
 """Set up and run one training task: data, optimiser, a runner that owns the loss, hooks, then
-initialise from the upstream stage's checkpoint, and fit. Shared by `train-fusion` (task 0)
-and `train-hash` (task 1)."""
+initialise from the upstream stage's checkpoint (or resume an interrupted run), fit, and keep the
+best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from cmhash.models import CrossModalHasher, load_checkpoint
 from cmhash.training.engine import TrainState, fit
 from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, Validator
 from cmhash.training.precision import Precision, resolve_device
+from cmhash.training.resume import RunFolder, code_digest, tensor_digest
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
 
@@ -32,14 +33,31 @@ def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.
     return OPTIMIZERS[name](groups, betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
 
 
-def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, metrics_dir: Path,
+def fingerprint(params: dict[str, Any], task: str, config: dict[str, Any], data: list[torch.Tensor],
+                init: list[torch.Tensor]) -> dict[str, Any]:
+    """What a run's result depends on; a run resumes only into the same fingerprint. train.resume
+    is left out (it does not change the result), and so is the other task's train.<task>."""
+    t = get(params, "train")
+    return {
+        "seed": get(params, "seed"), "loss": config["loss"], "losses": {config["loss"]: get(params, "losses").get(config["loss"])},
+        "model": config["model"], "bits": config["bits"], "feature_dim": config["feature_dim"],
+        "train": {**{k: v for k, v in t.items() if k not in ("resume", "fusion", "hash")}, task: t[task]},
+        "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest(),
+    }
+
+
+def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, metrics_dir: Path, checkpoint_dir: Path,
                bits: int | None = None, init_from: Path | None = None) -> float:
-    """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP."""
+    """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP. The
+    unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume)."""
     task = "hash" if bits else "fusion"
     seed_everything(int(get(params, "seed")))
     device = resolve_device(str(get(params, "device")))
     train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
     t = get(params, "train")
+    resume = get(params, "train.resume")
+    if not isinstance(resume, bool):
+        raise ConfigError(f"train.resume must be true or false, got {resume!r}")
     loss_name = str(get(params, "loss"))
     loss = build_loss(loss_name, get(params, "losses").get(loss_name) or {})
     warn_if_small_batch(loss, int(t["batch_size"]))
@@ -47,11 +65,13 @@ def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, me
     config = {"model": dict(get(params, "model")), "feature_dim": train.dim, "bits": bits, "loss": loss_name,
               "clip": {k: train.meta.get(k) for k in ("clip_model", "pretrained", "random_init")}}
     model = CrossModalHasher(config).to(device)
+    init: list[torch.Tensor] = []
     if init_from is not None:  # task 1 starts from the fusion stage's weights, then fine-tunes them
         upstream, _ = load_checkpoint(init_from, device)
         if upstream.config["model"] != config["model"] or upstream.config["feature_dim"] != train.dim:
             raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
         model.fusion.load_state_dict(upstream.fusion.state_dict())
+        init = list(upstream.fusion.state_dict().values())
 
     stage = t[task]
     groups = [{"name": "fusion", "params": model.fusion.parameters(), "lr": float(stage["fusion_lr" if bits else "lr"])}]
@@ -66,16 +86,19 @@ def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, me
         scheduler=build_scheduler(optimizer, t["schedule"], epochs),
         precision=Precision(str(t["precision"]), device),
     )
+    run = RunFolder(checkpoint_dir, fingerprint(params, task, config, [train.image, train.text, train.label, val.image, val.text, val.label], init))
     live = Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=False)
     hooks = [
         Validator(val, train, every=int(t["eval_every"]), epochs=epochs, batch_size=int(t["batch_size"]), topk=int(t["select_topk"])),
-        Checkpointer(out_path),
+        Checkpointer(run.best_path),
         EarlyStopping(int(t["patience"]), float(t["min_delta"])),
         LiveLogger(live),
     ]
     generator = torch.Generator().manual_seed(int(get(params, "seed")))
     log.info("%s: %d train / %d val pairs, loss %s, %d epochs on %s", task, len(train), len(val), loss_name, epochs, device)
-    fit(state, train, epochs=epochs, batch_size=int(t["batch_size"]), clip_grad_norm=float(t["clip_grad_norm"]), hooks=hooks, generator=generator)
+    run.start(state, generator, hooks, resume=resume)
+    fit(state, train, epochs=epochs, batch_size=int(t["batch_size"]), clip_grad_norm=float(t["clip_grad_norm"]), hooks=[*hooks, run], generator=generator)
     live.end()
+    run.finish(out_path)
     log.info("%s: best val MAP@%s %.4f at epoch %d", task, t["select_topk"], state.best, state.best_epoch)
     return state.best

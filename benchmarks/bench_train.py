@@ -1,0 +1,140 @@
+"""Training-loop speed: cmhash.training.engine.fit against a plain torch DataLoader loop, in the same run.
+
+    python benchmarks/bench_train.py            # demo (1,500 pairs, dim 256) and MIRFlickr-sized (5,000 pairs, dim 512)
+    python benchmarks/bench_train.py --quick    # small smoke run
+
+Data: random features (image, text) on the device, --batch-size pairs per step.
+Model and loss: params.yaml's defaults - task 0 (fusion), `reference` architecture (d_model =
+2 x dim, 4 heads, 2 layers, feed-forward 2048, dropout 0.1), loss `contrastive`, train.inputs
+`both`, Adam (0.5, 0.999) lr 1e-4, fp32. Both sides build the same model from the same seed.
+
+ours      engine.fit, what `cmhash train-fusion` runs (no hooks): features stay on the device,
+          each batch is a slice of a randperm drawn there (engine.batches), monitor stats per step.
+baseline  for image, text in DataLoader(TensorDataset(image, text), batch_size, shuffle=True,
+          drop_last=True): the same step, the same monitor stats, the scheduler stepped per epoch.
+
+Each side runs one untimed warm-up epoch, then --epochs timed epochs, --repeats times
+alternating with the other side; the best repeat counts (the machine may be shared). A second
+table times the batching alone (one epoch of index-and-fetch, no model) to show what the data
+path itself costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from cmhash.features import Features
+from cmhash.losses import build_loss
+from cmhash.models import CrossModalHasher
+from cmhash.training.engine import TrainState, batches, fit
+from cmhash.training.monitor import pair_stats
+from cmhash.training.precision import Precision
+from cmhash.training.runner import Runner
+from cmhash.training.schedule import build_scheduler
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    n: int
+    dim: int
+
+
+SCALES = {"demo": Scale("demo", 1500, 256), "mirflickr": Scale("MIRFlickr-sized", 5000, 512)}
+QUICK = Scale("quick", 512, 64)
+MODEL = {"arch": "reference", "d_model": None, "nhead": 4, "num_layers": 2, "dim_feedforward": 2048,
+         "dropout": 0.1, "attention_dropout": 0.1, "hash_hidden": 4096, "hash_dropout": 0.3}
+
+
+def new_state(dim: int, device: torch.device, epochs: int) -> TrainState:
+    torch.manual_seed(0)
+    model = CrossModalHasher({"model": MODEL, "feature_dim": dim, "bits": None}).to(device)
+    optimizer = torch.optim.Adam([{"name": "fusion", "params": model.parameters(), "lr": 1e-4}], betas=(0.5, 0.999))
+    return TrainState(Runner(model, build_loss("contrastive", {"temperature": 0.5}), "both"), optimizer,
+                      build_scheduler(optimizer, {"name": "constant", "warmup_epochs": 0}, epochs), Precision("fp32", device))
+
+
+def ours(state: TrainState, data: Features, batch_size: int, epochs: int) -> None:
+    state.epoch = 0
+    fit(state, data, epochs=epochs, batch_size=batch_size, clip_grad_norm=0.0, hooks=[], generator=torch.Generator().manual_seed(0))
+
+
+def baseline(state: TrainState, data: Features, batch_size: int, epochs: int) -> None:
+    loader = DataLoader(TensorDataset(data.image, data.text), batch_size=batch_size, shuffle=True, drop_last=True)
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    state.runner.model.train()
+    for _ in range(epochs):
+        for image, text in loader:
+            loss, outputs = state.runner.step(image, text)
+            state.precision.backward_step(loss, state.optimizer, params, 0.0).item()
+            loss.item(), pair_stats(*outputs)
+        state.scheduler.step()
+
+
+def timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def bench_scale(scale: Scale, batch_size: int, epochs: int, repeats: int, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(1)
+    data = Features(*(torch.randn(scale.n, scale.dim, generator=g).to(device) for _ in range(2)),
+                    label=torch.zeros(scale.n, 1, device=device), meta={})
+    steps = epochs * (scale.n // batch_size)
+    sides = {"ours (engine.fit)": (ours, new_state(scale.dim, device, 10**6)),
+             "DataLoader loop": (baseline, new_state(scale.dim, device, 10**6))}
+    for loop, state in sides.values():
+        loop(state, data, batch_size, 1)  # warm-up
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):  # alternate, so a busy spell on a shared machine hits both sides
+        for name, (loop, state) in sides.items():
+            best[name] = min(best[name], timed(lambda: loop(state, data, batch_size, epochs)))
+
+    print(f"\n== {scale.name}: {scale.n} pairs, dim {scale.dim}, batch {batch_size}, "
+          f"{scale.n // batch_size} steps/epoch, {epochs} timed epoch(s), best of {repeats}, {device}")
+    print(f"   {'loop':20s} {'steps/s':>9s} {'s/epoch':>9s}")
+    for name, seconds in best.items():
+        print(f"   {name:20s} {steps / seconds:9.2f} {seconds / epochs:9.2f}")
+    ours_s, base_s = best.values()
+    print(f"   ours / DataLoader steps/s: {base_s / ours_s:.2f}x")
+
+    def index_batches() -> None:
+        for idx in batches(scale.n, batch_size, torch.Generator().manual_seed(0), device):
+            data.image[idx], data.text[idx]
+
+    def loader_batches() -> None:
+        for _ in DataLoader(TensorDataset(data.image, data.text), batch_size=batch_size, shuffle=True, drop_last=True):
+            pass
+
+    index_s = min(timed(index_batches) for _ in range(5))
+    loader_s = min(timed(loader_batches) for _ in range(5))
+    per = scale.n // batch_size
+    print(f"   batching alone, 1 epoch: index batches {1e3 * index_s / per:.3f} ms/batch, "
+          f"DataLoader {1e3 * loader_s / per:.3f} ms/batch ({loader_s / index_s:.0f}x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small scale, seconds")
+    parser.add_argument("--scales", nargs="+", choices=sorted(SCALES), default=sorted(SCALES))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per repeat")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternating; the best counts")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    for scale in [QUICK] if args.quick else [SCALES[name] for name in args.scales]:
+        bench_scale(scale, args.batch_size, args.epochs, args.repeats, device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

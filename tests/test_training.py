@@ -1,0 +1,272 @@
+"""The training engine: early stopping and best-checkpoint selection on scripted val curves,
+determinism, resuming an interrupted run exactly, refusing to resume into other settings, and
+task 1 starting from the fusion checkpoint. CPU, fp32, tiny synthetic features."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmhash.errors import ConfigError
+from cmhash.features import Features
+from cmhash.io import save_pickle
+from cmhash.losses import build_loss
+from cmhash.models import CrossModalHasher, save_checkpoint
+from cmhash.training import task as task_module
+from cmhash.training.engine import TrainState, fit
+from cmhash.training.hooks import Checkpointer, EarlyStopping
+from cmhash.training.precision import Precision
+from cmhash.training.resume import RunFolder
+from cmhash.training.runner import Runner
+from cmhash.training.schedule import build_scheduler
+from cmhash.training.task import train_task
+
+D, CLASSES = 16, 4
+
+
+def synthetic(n: int, seed: int, dim: int = D) -> dict:
+    """Pairs whose image and text features both carry their label (fixed per-class prototypes)."""
+    protos = np.random.default_rng(0).standard_normal((2, CLASSES, dim))
+    rng = np.random.default_rng(seed)
+    label = np.eye(CLASSES, dtype=np.uint8)[rng.integers(0, CLASSES, n)]
+    noisy = lambda p: (label @ p + 0.7 * rng.standard_normal((n, dim))).astype(np.float32)  # noqa: E731
+    return {"image": noisy(protos[0]), "text": noisy(protos[1]), "label": label,
+            "clip_model": "synthetic", "pretrained": "none", "random_init": True}
+
+
+@pytest.fixture
+def features_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "features"
+    save_pickle(folder / "train.pkl", synthetic(48, seed=1))
+    save_pickle(folder / "val.pkl", synthetic(16, seed=2))
+    return folder
+
+
+@pytest.fixture
+def fusion_ckpt(tmp_path: Path, params: dict) -> Path:
+    """A task-0 checkpoint with the test params' model config (random weights)."""
+    torch.manual_seed(7)
+    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None, "loss": params["loss"]})
+    save_checkpoint(tmp_path / "fusion.pt", model, epoch=1, val_map=0.5)
+    return tmp_path / "fusion.pt"
+
+
+def train(params: dict, root: Path, features_dir: Path, *, bits: int | None = None, init_from: Path | None = None,
+          checkpoint_dir: Path | None = None) -> float:
+    return train_task(params, features_dir=features_dir, out_path=root / "out" / "model.pt", metrics_dir=root / "metrics",
+                      checkpoint_dir=checkpoint_dir or root / "checkpoints", bits=bits, init_from=init_from)
+
+
+def outputs(root: Path) -> tuple[dict, dict[str, str]]:
+    """The stage's output checkpoint and every file dvclive wrote."""
+    ckpt = torch.load(root / "out" / "model.pt", weights_only=True)
+    curves = {p.relative_to(root / "metrics").as_posix(): p.read_text() for p in sorted((root / "metrics").rglob("*")) if p.is_file()}
+    return ckpt, curves
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    (ckpt_a, curves_a), (ckpt_b, curves_b) = outputs(a), outputs(b)
+    assert ckpt_a.keys() == ckpt_b.keys() and ckpt_a["config"] == ckpt_b["config"]
+    assert (ckpt_a["epoch"], ckpt_a["val_map"]) == (ckpt_b["epoch"], ckpt_b["val_map"])
+    assert ckpt_a["state_dict"].keys() == ckpt_b["state_dict"].keys()
+    for name, tensor in ckpt_a["state_dict"].items():
+        assert torch.equal(tensor, ckpt_b["state_dict"][name]), name
+    assert curves_a == curves_b
+
+
+class Killed(Exception):
+    """Stands in for Ctrl-C / a killed `dvc repro`."""
+
+
+def kill_before_saving_epoch(monkeypatch, epoch: int) -> None:
+    """Interrupt after epoch `epoch` was trained, validated and logged, but before last.pt was
+    written for it: the resumed run must re-train that epoch exactly (random states restored)."""
+    save = RunFolder.__call__
+
+    def call(self, state):
+        if state.epoch == epoch:
+            raise Killed
+        save(self, state)
+
+    monkeypatch.setattr(RunFolder, "__call__", call)
+
+
+class ScriptedValidator:
+    """Writes a fixed val MAP curve instead of measuring one."""
+
+    def __init__(self, curve: list[float]) -> None:
+        self.curve = curve
+
+    def __call__(self, state: TrainState) -> None:
+        state.logs["val/map"] = self.curve[state.epoch - 1]
+
+
+# ---- the loop and its hooks on scripted val curves ------------------------------------------
+
+
+def tiny_state(params: dict) -> tuple[TrainState, Features]:
+    torch.manual_seed(0)
+    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = TrainState(Runner(model, build_loss("cosine"), "strict"), optimizer,
+                       build_scheduler(optimizer, params["train"]["schedule"], 20), Precision("fp32", torch.device("cpu")))
+    data = synthetic(32, seed=1)
+    return state, Features(*(torch.from_numpy(data[k]).float() for k in ("image", "text", "label")), meta={})
+
+
+@pytest.mark.parametrize(("curve", "patience", "min_delta", "stopped_at"), [
+    ([0.1, 0.3, 0.2, 0.3, 0.9, 0.9], 2, 0.0, 4),        # no gain at 3 and 4 (equal is no gain)
+    ([0.1, 0.3, 0.2, 0.35, 0.3, 0.2, 0.9], 2, 0.0, 6),  # the gain at 4 resets the count
+    ([0.1, 0.3, 0.35, 0.3, 0.5, 0.9], 2, 0.1, 4),       # +0.05 at 3 is below min_delta: not a gain
+    ([0.5, 0.4, 0.3, 0.2], 0, 0.0, 4),                  # patience 0: never stops early
+])
+def test_early_stopping_stops_at_the_right_epoch(params, curve, patience, min_delta, stopped_at):
+    state, data = tiny_state(params)
+    hooks = [ScriptedValidator(curve), EarlyStopping(patience, min_delta)]
+    fit(state, data, epochs=len(curve), batch_size=16, clip_grad_norm=0.0, hooks=hooks, generator=torch.Generator().manual_seed(0))
+    assert state.epoch == stopped_at
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_val_map(params, tmp_path):
+    state, data = tiny_state(params)
+    weights: dict[int, dict] = {}
+    snapshot = lambda s: weights.__setitem__(s.epoch, copy.deepcopy(s.runner.model.state_dict()))  # noqa: E731
+    hooks = [ScriptedValidator([0.2, 0.6, 0.4, 0.6, 0.5]), Checkpointer(tmp_path / "best.pt"), snapshot]
+    fit(state, data, epochs=5, batch_size=16, clip_grad_norm=0.0, hooks=hooks, generator=torch.Generator().manual_seed(0))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert (best["epoch"], best["val_map"], state.best_epoch) == (2, 0.6, 2)  # a tie later does not replace it
+    for name, tensor in best["state_dict"].items():
+        assert torch.equal(tensor, weights[2][name])
+    assert not all(torch.equal(t, weights[5][n]) for n, t in best["state_dict"].items())
+
+
+# ---- whole training tasks ------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_weights_and_curves(params, tmp_path, features_dir):
+    params["train"]["fusion"]["epochs"] = 3
+    train(params, tmp_path / "a", features_dir)
+    train(params, tmp_path / "b", features_dir)
+    assert_same_outputs(tmp_path / "a", tmp_path / "b")
+    params["seed"] = 1
+    train(params, tmp_path / "c", features_dir)
+    assert not torch.equal(*(outputs(tmp_path / r)[0]["state_dict"]["fusion.encoder.layers.0.linear1.weight"] for r in "ac"))
+
+
+@pytest.mark.parametrize(("arch", "bits"), [("reference", None), ("cross_attention", 16)])
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(params, tmp_path, features_dir, monkeypatch, arch, bits):
+    params["model"]["arch"] = arch
+    params["train"]["hash" if bits else "fusion"]["epochs"] = 4
+    params["train"]["schedule"].update(name="cosine", warmup_epochs=1)  # the schedule's state matters too
+    init = None
+    if bits:
+        torch.manual_seed(7)
+        upstream = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None})
+        save_checkpoint(init := tmp_path / "fusion.pt", upstream)
+    train(params, tmp_path / "whole", features_dir, bits=bits, init_from=init)
+
+    with monkeypatch.context() as patch:
+        kill_before_saving_epoch(patch, 3)
+        with pytest.raises(Killed):
+            train(params, tmp_path / "resumed", features_dir, bits=bits, init_from=init)
+    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and (tmp_path / "resumed" / "checkpoints" / "best.pt").is_file()
+    train(params, tmp_path / "resumed", features_dir, bits=bits, init_from=init)
+
+    assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # a finished run leaves nothing to resume
+
+
+def test_a_resumed_run_keeps_its_early_stopping_count_and_best(params, tmp_path, features_dir, monkeypatch):
+    params["train"].update(patience=2)
+    params["train"]["fusion"]["epochs"] = 6
+    monkeypatch.setattr(task_module, "Validator", lambda *a, **k: ScriptedValidator([0.1, 0.3, 0.2, 0.25, 0.2, 0.9]))
+    train(params, tmp_path / "whole", features_dir)
+    with monkeypatch.context() as patch:
+        kill_before_saving_epoch(patch, 4)
+        with pytest.raises(Killed):
+            train(params, tmp_path / "resumed", features_dir)
+    train(params, tmp_path / "resumed", features_dir)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
+    summary = json.loads((tmp_path / "resumed" / "metrics" / "metrics.json").read_text())
+    assert (summary["step"], summary["best_epoch"], summary["best_val_map"]) == (3, 2, 0.3)  # stopped after epoch 4
+
+
+def interrupted(params: dict, root: Path, features_dir: Path, monkeypatch, **kw) -> None:
+    with monkeypatch.context() as patch:
+        kill_before_saving_epoch(patch, 2)
+        with pytest.raises(Killed):
+            train(params, root, features_dir, **kw)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda p: p.update(loss="infonce"), "loss"),
+    (lambda p: p["model"].update(arch="cross_attention"), "model.arch"),
+    (lambda p: p["train"]["fusion"].update(lr=3e-4), "train.fusion.lr"),
+])
+def test_resuming_with_other_settings_is_refused_in_one_line(params, tmp_path, features_dir, monkeypatch, change, named):
+    interrupted(params, tmp_path, features_dir, monkeypatch)
+    change(params)
+    with pytest.raises(ConfigError, match=rf"checkpoints/last.pt is an unfinished run with other settings \(.*{named}.*differ\)") as err:
+        train(params, tmp_path, features_dir)
+    assert "\n" not in str(err.value) and "train.resume: false" in str(err.value)
+    params["train"]["resume"] = False  # the way out: start afresh
+    train(params, tmp_path, features_dir)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_with_another_code_length_or_other_features_is_refused(params, tmp_path, features_dir, fusion_ckpt, monkeypatch):
+    interrupted(params, tmp_path, features_dir, monkeypatch, bits=16, init_from=fusion_ckpt)
+    with pytest.raises(ConfigError, match=r"\(bits differ\)"):
+        train(params, tmp_path, features_dir, bits=32, init_from=fusion_ckpt)
+    save_pickle(features_dir / "val.pkl", synthetic(16, seed=3))
+    with pytest.raises(ConfigError, match=r"\(features differ\)"):
+        train(params, tmp_path, features_dir, bits=16, init_from=fusion_ckpt)
+
+
+def test_resuming_with_another_feature_dim_is_refused(params, tmp_path, features_dir, monkeypatch):
+    interrupted(params, tmp_path, features_dir, monkeypatch)
+    for split, n in (("train", 48), ("val", 16)):
+        save_pickle(features_dir / f"{split}.pkl", synthetic(n, seed=3, dim=8))
+    with pytest.raises(ConfigError, match=r"\(feature_dim, features differ\)"):
+        train(params, tmp_path, features_dir)
+
+
+def test_train_hash_starts_from_the_fusion_checkpoint(params, tmp_path, features_dir, fusion_ckpt, monkeypatch):
+    start: dict = {}
+
+    def spy(state, *args, **kwargs):
+        start.update(copy.deepcopy(state.runner.model.fusion.state_dict()))
+        return fit(state, *args, **kwargs)
+
+    monkeypatch.setattr(task_module, "fit", spy)
+    train(params, tmp_path, features_dir, bits=16, init_from=fusion_ckpt)
+    upstream = torch.load(fusion_ckpt, weights_only=True)["state_dict"]
+    fusion_weights = {k.removeprefix("fusion."): v for k, v in upstream.items() if k.startswith("fusion.")}
+    assert fusion_weights.keys() == start.keys()
+    for name, tensor in fusion_weights.items():
+        assert torch.equal(start[name], tensor), name
+
+
+def test_grad_norm_is_logged_before_clipping(params, tmp_path, features_dir):
+    params["train"]["clip_grad_norm"] = 1e-4
+    train(params, tmp_path, features_dir)
+    summary = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert summary["train"]["grad_norm"] > 1e-4  # the clipped norm would be <= 1e-4
+    assert {"fusion"} == set(summary["lr"])
+    rows = (tmp_path / "metrics" / "plots" / "metrics" / "train" / "grad_norm.tsv").read_text().splitlines()
+    assert len(rows) == 1 + params["train"]["fusion"]["epochs"]  # header + one per epoch
+
+
+def test_validator_never_sees_the_query_split(params, tmp_path, features_dir, monkeypatch):
+    """Selection reads train.pkl and val.pkl only."""
+    seen = []
+    load = task_module.load_features
+    monkeypatch.setattr(task_module, "load_features", lambda path, *a: seen.append(Path(path).name) or load(path, *a))
+    train(params, tmp_path, features_dir)
+    assert sorted(seen) == ["train.pkl", "val.pkl"]
