@@ -7,6 +7,7 @@ import pytest
 
 from cmhash.errors import ConfigError
 from cmhash.evaluation import pr_curve, precision_at_n
+from cmhash.pipeline.evaluate import curve_rows, positive_ints, replace_dir
 
 from test_ranking import HAND_DB, HAND_DB_LABELS, HAND_QUERY, HAND_QUERY_LABELS, random_case, ref_distances, ref_relevance
 
@@ -88,3 +89,41 @@ def test_precision_at_n_keeps_the_order_of_ns():
     np.testing.assert_allclose(precision_at_n(*case, ns=(10,)), forward[1:2])
     with pytest.raises(ConfigError):
         precision_at_n(*case, ns=(0,))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_curves_end_at_the_whole_database(seed):
+    # Radius = bits and N = database size both retrieve everything: precision is the fraction
+    # of relevant items, recall is 1 for every query with something relevant (0 otherwise).
+    q, db, q_labels, db_labels = random_case(np.random.default_rng(seed), 6, 40, 12, 3)
+    relevant = (q_labels @ db_labels.T) > 0
+    precision, recall = pr_curve(q, db, q_labels, db_labels)
+    assert precision[-1] == pytest.approx(relevant.mean())
+    assert recall[-1] == pytest.approx(relevant.any(axis=1).mean())
+    assert precision_at_n(q, db, q_labels, db_labels, ns=(40,))[0] == pytest.approx(relevant.mean())
+    assert np.all(np.diff(recall) >= 0)  # a bigger radius never loses an item
+
+
+def test_evaluate_curve_rows_tag_each_row_with_its_code_length():
+    q, db, q_labels, db_labels = random_case(np.random.default_rng(5), 4, 30, 8, 3)
+    rows = curve_rows(8, q, db, q_labels, db_labels, ns=[1, 10, 30])
+    precision, recall = pr_curve(q, db, q_labels, db_labels)
+    assert [r["radius"] for r in rows["pr"]] == list(range(9)) and {r["bits"] for r in rows["pr"]} == {8}
+    assert [r["precision"] for r in rows["pr"]] == pytest.approx(precision)
+    assert [r["recall"] for r in rows["pr"]] == pytest.approx(recall)
+    assert [(r["bits"], r["n"]) for r in rows["precision_at_n"]] == [(8, 1), (8, 10), (8, 30)]
+
+
+def test_evaluate_replaces_a_whole_directory(tmp_path):
+    # A rerun with fewer code lengths must not leave the old ones' files behind for DVC to plot.
+    target = tmp_path / "curves"
+    replace_dir(target, {"pr/016.json": [1], "pr/128.json": [2]})
+    replace_dir(target, {"pr/016.json": [3]})
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["pr", "pr/016.json"]
+    assert list(tmp_path.iterdir()) == [target]  # no temporary directory left
+
+
+@pytest.mark.parametrize("value", [[], [0, 5], [5.5], "10", [True]])
+def test_evaluate_rejects_bad_precision_at(value):
+    with pytest.raises(ConfigError, match="evaluate.precision_at"):
+        positive_ints({"evaluate": {"precision_at": value}}, "evaluate.precision_at")

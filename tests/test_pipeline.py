@@ -48,6 +48,28 @@ def map_by_loop(q: np.ndarray, db: np.ndarray, q_label: np.ndarray, db_label: np
     return float(np.mean(scores))
 
 
+def curves_by_loop(q: np.ndarray, db: np.ndarray, q_label: np.ndarray, db_label: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean precision and recall within each Hamming radius; an empty lookup has precision 0."""
+    bits = q.shape[1]
+    precision, recall = np.zeros(bits + 1), np.zeros(bits + 1)
+    for code, label in zip(q, q_label):
+        dist, relevant = (bits - db.astype(int) @ code.astype(int)) / 2, (db_label @ label) > 0
+        for radius in range(bits + 1):
+            found = relevant[dist <= radius].sum()
+            precision[radius] += found / max((dist <= radius).sum(), 1)
+            recall[radius] += found / relevant.sum() if relevant.any() else 0.0
+    return list(precision / len(q)), list(recall / len(q))
+
+
+def precision_at_by_loop(q: np.ndarray, db: np.ndarray, q_label: np.ndarray, db_label: np.ndarray, ns: list[int]) -> list[float]:
+    totals = np.zeros(len(ns))
+    for code, label in zip(q, q_label):
+        order = np.argsort((q.shape[1] - db.astype(int) @ code.astype(int)) / 2, kind="stable")  # ties by database index
+        relevant = (db_label[order] @ label) > 0
+        totals += [relevant[:n].mean() for n in ns]
+    return list(totals / len(q))
+
+
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.unpackbits(packed, axis=1, count=bits).astype(np.int8) * 2 - 1
 
@@ -61,6 +83,9 @@ def test_whole_pipeline_end_to_end(params_file, monkeypatch):
     for command in ("prepare", "extract", "train-fusion", "train-hash", "evaluate"):
         result = CliRunner().invoke(app, [command, "--params", str(params_file)])
         assert result.exit_code == 0, f"{command}: {result.output}"
+    # evaluate ends with the paper table, one per protocol: rows bits, real-valued, chance
+    assert "MAP, strict protocol" in result.output and "MAP, paired protocol" in result.output
+    assert "real-valued" in result.output and "chance" in result.output and "random-init" in result.output
 
     # every param a stage reads is listed under its params: in dvc.yaml (or DVC would skip it)
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -70,26 +95,53 @@ def test_whole_pipeline_end_to_end(params_file, monkeypatch):
             covered = any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in listed)
             assert covered, f"stage {stage} reads `{key}` but dvc.yaml does not list it"
 
-    metrics = json.loads(Path("metrics/map.json").read_text())
-    assert metrics["features"]["random_init"] is True and "random-init" in metrics["note"]
-    assert set(metrics["chance"]) == {"map@50", "map@all"}
-    for protocol in ("strict", "paired"):
-        for direction in ("i2t", "t2i"):
-            assert set(metrics["real_valued"][protocol][direction]) == {"map@50", "map@all"}
-            assert set(metrics[protocol][direction]) == {"16", "32"}
+    info = json.loads(Path("metrics/evaluate.json").read_text())
+    assert info["features"]["random_init"] is True and "random-init" in info["note"]
+    assert info["items"] == {"query": 12, "retrieval": 60}
+    tables = {p.relative_to("metrics/map").with_suffix("").as_posix(): json.loads(p.read_text()) for p in Path("metrics/map").rglob("*.json")}
+    assert set(tables) == {"016", "032", "tie_aware/016", "tie_aware/032", "real_valued", "chance"}
+    for table in tables.values():  # the same columns in every row of `dvc metrics show metrics/map`
+        assert {(p, d, m) for p in table for d in table[p] for m in table[p][d]} == {
+            (p, d, m) for p in ("strict", "paired") for d in ("i2t", "t2i") for m in ("map@50", "map@all")}
 
     # the saved codes reproduce the reported numbers with an independent implementation
     labels = np.load("stages/evaluate/labels.npz")
+    pr_files = {name: json.loads(Path(f"metrics/curves/pr/{name}.json").read_text()) for name in ("strict-i2t", "strict-t2i", "paired-i2t", "paired-t2i")}
+    pn_files = {name: json.loads(Path(f"metrics/curves/precision_at_n/{name}.json").read_text()) for name in pr_files}
     for protocol in ("strict", "paired"):
         for bits in (16, 32):
             codes = np.load(f"stages/evaluate/{protocol}/{bits}.npz")
             assert int(codes["bits"]) == bits
             q_img, q_txt, db_img, db_txt = (unpack(codes[n], bits) for n in ("query_image", "query_text", "retrieval_image", "retrieval_text"))
             assert len(q_img) == 12 and len(db_txt) == 60  # every query and database item scored
-            reported = metrics[protocol]
-            for k, name in ((50, "map@50"), (None, "map@all")):
-                assert reported["i2t"][str(bits)][name] == pytest.approx(map_by_loop(q_img, db_txt, labels["query"], labels["retrieval"], k))
-                assert reported["t2i"][str(bits)][name] == pytest.approx(map_by_loop(q_txt, db_img, labels["query"], labels["retrieval"], k))
+            for direction, (q, db) in {"i2t": (q_img, db_txt), "t2i": (q_txt, db_img)}.items():
+                reported = tables[f"{bits:03d}"][protocol][direction]
+                for k, name in ((50, "map@50"), (None, "map@all")):
+                    assert reported[name] == pytest.approx(map_by_loop(q, db, labels["query"], labels["retrieval"], k))
+                pr = [r for r in pr_files[f"{protocol}-{direction}"] if r["bits"] == bits]
+                assert [r["radius"] for r in pr] == list(range(bits + 1))
+                expected_p, expected_r = curves_by_loop(q, db, labels["query"], labels["retrieval"])
+                assert [r["precision"] for r in pr] == pytest.approx(expected_p)
+                assert [r["recall"] for r in pr] == pytest.approx(expected_r)
+                pn = [r for r in pn_files[f"{protocol}-{direction}"] if r["bits"] == bits]
+                assert [r["n"] for r in pn] == [1, 5, 10, 20, 50, 60]  # params' 100..1000 capped at the database
+                assert [r["precision"] for r in pn] == pytest.approx(precision_at_by_loop(q, db, labels["query"], labels["retrieval"], [1, 5, 10, 20, 50, 60]))
+
+    # every curve plot in dvc.yaml reads files evaluate wrote, with the fields the plot names
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    curve_plots = {target: spec for entry in dvc_yaml["plots"] for target, spec in entry.items() if target.startswith("metrics/curves")}
+    assert set(curve_plots) == {"metrics/curves/pr", "metrics/curves/precision_at_n"}
+    for target, spec in curve_plots.items():
+        template = json.loads((REPO / ".dvc" / "plots" / f"{spec['template']}.json").read_text())
+        assert template["encoding"]["color"]["field"] == "bits"
+        files = sorted(Path(target).glob("*.json"))
+        assert [f.stem for f in files] == ["paired-i2t", "paired-t2i", "strict-i2t", "strict-t2i"]
+        for f in files:
+            rows = json.loads(f.read_text())
+            assert {r["bits"] for r in rows} == {16, 32} and all({"bits", spec["x"], spec["y"]} <= set(r) for r in rows)
+    evaluate_outs = {next(iter(o)) if isinstance(o, dict) else o for o in dvc_stages["evaluate"]["outs"] + dvc_stages["evaluate"]["metrics"]}
+    assert {"metrics/map", "metrics/curves", "metrics/evaluate.json"} <= evaluate_outs
+    assert "metrics/map" in dvc_yaml["metrics"]
 
     curves = json.loads(Path("metrics/fusion/metrics.json").read_text())
     assert {"train", "val", "lr", "best_val_map", "best_epoch"} <= set(curves)

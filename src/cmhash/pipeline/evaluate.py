@@ -1,8 +1,20 @@
 """Stage `evaluate`: every query against the whole database, both directions, both protocols.
 
 reads   stages/extract/{query,retrieval}.pkl, stages/fusion/model.pt, stages/hash/<bits>/model.pt
-writes  metrics/map.json, stages/evaluate/<protocol>/<bits>.npz (the packed codes it scored)
-        and stages/evaluate/labels.npz, so anyone can recompute the numbers.
+writes  (under metrics/, git-tracked; key names are stable and documented in the README)
+        map/<bits>.json            MAP of the Hamming ranking (ties by database index)
+        map/tie_aware/<bits>.json  tie-aware MAP (expected over the orders of tied items)
+        map/real_valued.json       task-0 cosine MAP
+        map/chance.json            expected MAP of a random ranking
+            all four {protocol: {direction: {"map@K", ..., "map@all"}}}: one row each in
+            `dvc metrics show metrics/map`, the same columns in every row (a paper table)
+        evaluate.json              what was scored: features, item counts, the random-init note
+        curves/pr/<protocol>-<direction>.json              precision and recall within Hamming
+                                                           radius 0..bits, rows tagged with `bits`
+        curves/precision_at_n/<protocol>-<direction>.json  precision@N, N in `evaluate.precision_at`
+        <bits> in map/ is zero-padded to 3 digits so files and rows sort by code length.
+        Also stages/evaluate/<protocol>/<bits>.npz (the packed codes it scored) and
+        stages/evaluate/labels.npz, so anyone can recompute the numbers.
 
 Protocols: `strict` encodes the image query from the image alone and the text from the text
 alone (real cross-modal retrieval); `paired` encodes both from the whole pair, as the public
@@ -11,14 +23,21 @@ reference does, for comparison with published numbers only.
 
 from __future__ import annotations
 
-import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from cmhash.config import get, load_params
+from cmhash.errors import ConfigError
+from cmhash.evaluation import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import chance_map, cosine_map, mean_average_precision, tie_aware_map
 from cmhash.features import load_features
 from cmhash.io import atomic_path, write_json
@@ -26,12 +45,26 @@ from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
 from cmhash.pipeline import ParamsOption
 from cmhash.training.precision import resolve_device
 
-log = logging.getLogger("cmhash")
 RANDOM_INIT_NOTE = "random-init CLIP features on synthetic data: these numbers test the pipeline, not the method"
+# direction -> (query side, database side), as named by `outputs` in `run`
+DIRECTIONS = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
+MapTable = dict[str, dict[str, dict[str, float]]]  # protocol -> direction -> metric -> value
 
 
-def _named(scores: dict[int | None, float], prefix: str = "map") -> dict[str, float]:
-    return {f"{prefix}@{'all' if k is None else k}": float(v) for k, v in scores.items()}
+def file_stem(bits: int) -> str:
+    """Zero-padded, so files (and the rows `dvc metrics show` makes of them) sort by code length."""
+    return f"{bits:03d}"
+
+
+def positive_ints(params: dict, key: str) -> list[int]:
+    value = get(params, key)
+    if not isinstance(value, list) or not value or not all(type(v) is int and v > 0 for v in value):
+        raise ConfigError(f"`{key}` must be a non-empty list of positive integers, got {value!r}")
+    return value
+
+
+def _named(scores: dict[int | None, float]) -> dict[str, float]:
+    return {f"map@{'all' if k is None else k}": float(v) for k, v in scores.items()}
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -39,24 +72,72 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def evaluate_codes(q_codes: np.ndarray, db_codes: np.ndarray, q_label: np.ndarray, db_label: np.ndarray, topk) -> dict[str, float]:
-    return {**_named(mean_average_precision(q_codes, db_codes, q_label, db_label, topk=topk)),
-            **_named(tie_aware_map(q_codes, db_codes, q_label, db_label, topk=topk), "tie_aware_map")}
+def replace_dir(path: Path, files: dict[str, Any]) -> None:
+    """Make `files` (relative path -> JSON object) the whole content of `path`: written to a
+    temporary sibling, then swapped in, so no file of an earlier run (other code lengths) stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        for name, content in files.items():
+            write_json(tmp / name, content)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(params: dict, features_dir: Path, fusion_path: Path, hash_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label: np.ndarray, db_label: np.ndarray,
+               ns: list[int]) -> dict[str, list[dict]]:
+    """One code length's PR (radius 0..bits) and P@N rows, each tagged with `bits`: a file holds
+    every code length, and the `code_lengths` plot template draws one line per `bits`."""
+    precision, recall = pr_curve(query_codes, db_codes, q_label, db_label)
+    pr = [{"bits": bits, "radius": r, "recall": float(rc), "precision": float(p)} for r, (p, rc) in enumerate(zip(precision, recall))]
+    at_n = precision_at_n(query_codes, db_codes, q_label, db_label, ns=ns)
+    return {"pr": pr, "precision_at_n": [{"bits": bits, "n": n, "precision": float(p)} for n, p in zip(ns, at_n)]}
+
+
+PROTOCOL_TITLES = {"strict": "strict protocol (each modality alone)", "paired": "paired protocol (whole pair, as the reference)"}
+
+
+def paper_tables(tables: dict[str, MapTable], bits: list[int], note: str | None) -> list[Table]:
+    """One table per protocol (narrow enough for an 80-column log): rows are code lengths, then
+    the real-valued and chance rows; columns are direction x MAP@K."""
+    metrics = list(tables[file_stem(bits[0])][PROTOCOLS[0]]["i2t"])
+    rows = [(str(b), file_stem(b)) for b in bits] + [("real-valued", "real_valued"), ("chance", "chance")]
+    result = []
+    for protocol in PROTOCOLS:
+        table = Table(title=f"MAP, {PROTOCOL_TITLES[protocol]}")
+        table.add_column("bits", no_wrap=True)
+        for direction in DIRECTIONS:
+            for metric in metrics:
+                table.add_column(f"{direction} {metric.replace('map', 'MAP')}", justify="right", no_wrap=True, min_width=6)
+        for label, key in rows:
+            if key == "real_valued":
+                table.add_section()
+            table.add_row(label, *(f"{tables[key][protocol][d][m]:.4f}" for d in DIRECTIONS for m in metrics))
+        result.append(table)
+    result[-1].caption = " ".join(filter(None, ["Hamming ties broken by database index.", note]))
+    return result
+
+
+def run(params: dict, features_dir: Path, fusion_path: Path, hash_dir: Path, out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
     device = resolve_device(str(get(params, "device")))
+    bits_list = positive_ints(params, "bits")
+    topk = (*positive_ints(params, "evaluate.topk"), None)
+    precision_at = positive_ints(params, "evaluate.precision_at")
     query, db = load_features(features_dir / "query.pkl", device), load_features(features_dir / "retrieval.pkl", device)
-    topk = (*[int(k) for k in get(params, "evaluate.topk")], None)
     q_label, db_label = query.label.cpu().numpy(), db.label.cpu().numpy()
+    ns = sorted({min(n, len(db_label)) for n in precision_at})  # N beyond the database = all of it
     _save_npz(out_dir / "labels.npz", query=q_label.astype(np.uint8), retrieval=db_label.astype(np.uint8))
 
-    result: dict[str, Any] = {
+    info: dict[str, Any] = {
         "features": {k: query.meta.get(k) for k in ("dataset", "clip_model", "pretrained", "random_init")},
-        "chance": _named(chance_map(q_label, db_label, topk=topk)),
+        "items": {"query": len(q_label), "retrieval": len(db_label)},
     }
-    if query.meta.get("random_init"):
-        result["note"] = RANDOM_INIT_NOTE
+    note = RANDOM_INIT_NOTE if query.meta.get("random_init") else None
+    if note:
+        info["note"] = note
 
     def outputs(model, protocol: str, to_numpy) -> dict[str, np.ndarray]:
         q_image, q_text = encode(model, query.image, query.text, protocol)
@@ -64,25 +145,35 @@ def run(params: dict, features_dir: Path, fusion_path: Path, hash_dir: Path, out
         named = {"query_image": q_image, "query_text": q_text, "retrieval_image": db_image, "retrieval_text": db_text}
         return {name: to_numpy(x) for name, x in named.items()}
 
-    def both_ways(out: dict[str, np.ndarray], score) -> dict[str, Any]:
-        return {"i2t": score(out["query_image"], out["retrieval_text"]), "t2i": score(out["query_text"], out["retrieval_image"])}
+    def table(per_protocol: dict[str, dict[str, np.ndarray]], score) -> MapTable:
+        return {protocol: {direction: _named(score(out[q], out[d])) for direction, (q, d) in DIRECTIONS.items()}
+                for protocol, out in per_protocol.items()}
 
+    chance = _named(chance_map(q_label, db_label, topk=topk))  # depends on the labels only
+    tables: dict[str, MapTable] = {"chance": {p: dict.fromkeys(DIRECTIONS, chance) for p in PROTOCOLS}}
     fusion, _ = load_checkpoint(fusion_path, device)
-    cosine = lambda q, d: _named(cosine_map(q, d, q_label, db_label, topk=topk))  # noqa: E731
-    result["real_valued"] = {protocol: both_ways(outputs(fusion, protocol, lambda x: x.float().cpu().numpy()), cosine) for protocol in PROTOCOLS}
+    embeddings = {p: outputs(fusion, p, lambda x: x.float().cpu().numpy()) for p in PROTOCOLS}
+    tables["real_valued"] = table(embeddings, lambda q, d: cosine_map(q, d, q_label, db_label, topk=topk))
 
-    hamming = lambda q, d: evaluate_codes(q, d, q_label, db_label, topk)  # noqa: E731
-    for protocol in PROTOCOLS:
-        result[protocol] = {"i2t": {}, "t2i": {}}
-    for bits in [int(b) for b in get(params, "bits")]:
+    curves: dict[str, list[dict]] = defaultdict(list)  # <kind>/<protocol>-<direction>.json -> rows
+    for bits in bits_list:
         model, _ = load_checkpoint(hash_dir / str(bits) / "model.pt", device)
-        for protocol in PROTOCOLS:
-            codes = outputs(model, protocol, lambda x: to_codes(x).cpu().numpy())
-            for direction, scores in both_ways(codes, hamming).items():
-                result[protocol][direction][str(bits)] = scores
-            _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **{n: np.packbits(c > 0, axis=1) for n, c in codes.items()})
-    write_json(metrics_path, result)
-    return result
+        codes = {p: outputs(model, p, lambda x: to_codes(x).cpu().numpy()) for p in PROTOCOLS}
+        stem = file_stem(bits)
+        tables[stem] = table(codes, lambda q, d: mean_average_precision(q, d, q_label, db_label, topk=topk))
+        tables[f"tie_aware/{stem}"] = table(codes, lambda q, d: tie_aware_map(q, d, q_label, db_label, topk=topk))
+        for protocol, out in codes.items():
+            for direction, (q, d) in DIRECTIONS.items():
+                for kind, rows in curve_rows(bits, out[q], out[d], q_label, db_label, ns).items():
+                    curves[f"{kind}/{protocol}-{direction}.json"] += rows
+        for protocol, named in codes.items():
+            _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **{n: np.packbits(c > 0, axis=1) for n, c in named.items()})
+
+    replace_dir(metrics_dir / "map", {f"{name}.json": content for name, content in tables.items()})
+    replace_dir(metrics_dir / "curves", curves)
+    write_json(metrics_dir / "evaluate.json", info)
+    Console().print(*paper_tables(tables, bits_list, note))
+    return {"map": tables, "evaluate": info, "curves": dict(curves)}
 
 
 def command(
@@ -91,7 +182,7 @@ def command(
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint (real-valued numbers).")] = Path("stages/fusion/model.pt"),
     hash_dir: Annotated[Path, typer.Option(help="task-1 checkpoints, <hash-dir>/<bits>/model.pt.")] = Path("stages/hash"),
     out_dir: Annotated[Path, typer.Option(help="where the scored codes are saved.")] = Path("stages/evaluate"),
-    metrics: Annotated[Path, typer.Option(help="MAP table (git-tracked).")] = Path("metrics/map.json"),
+    metrics_dir: Annotated[Path, typer.Option(help="where map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
 ) -> None:
-    """MAP@K and MAP@all, image->text and text->image, every code length, strict and paired."""
-    run(load_params(params), features_dir, fusion, hash_dir, out_dir, metrics)
+    """MAP@K, MAP@all, PR and precision@N curves: image->text and text->image, every code length, strict and paired."""
+    run(load_params(params), features_dir, fusion, hash_dir, out_dir, metrics_dir)
