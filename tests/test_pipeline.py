@@ -75,7 +75,7 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_whole_pipeline_end_to_end(params_file, monkeypatch):
+def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
     reads: dict[str, set[str]] = {}
     for stage, module in STAGE_MODULES.items():  # record which params each stage reads
         reads[stage] = set()
@@ -140,8 +140,22 @@ def test_whole_pipeline_end_to_end(params_file, monkeypatch):
             rows = json.loads(f.read_text())
             assert {r["bits"] for r in rows} == {16, 32} and all({"bits", spec["x"], spec["y"]} <= set(r) for r in rows)
     evaluate_outs = {next(iter(o)) if isinstance(o, dict) else o for o in dvc_stages["evaluate"]["outs"] + dvc_stages["evaluate"]["metrics"]}
-    assert {"metrics/map", "metrics/curves", "metrics/evaluate.json"} <= evaluate_outs
-    assert "metrics/map" in dvc_yaml["metrics"]
+    assert {"metrics/map.json", "metrics/map", "metrics/curves", "metrics/evaluate.json"} <= evaluate_outs
+
+    # metrics/map.json holds the same tables in one file, code lengths unpadded
+    one_file = json.loads(Path("metrics/map.json").read_text())
+    assert list(one_file) == ["16", "32", "tie_aware", "real_valued", "chance"]
+    assert one_file["32"] == tables["032"] and one_file["tie_aware"]["16"] == tables["tie_aware/016"]
+    assert (one_file["real_valued"], one_file["chance"]) == (tables["real_valued"], tables["chance"])
+
+    # train-hash: one dvclive folder, curves per code length each from step 0, summary per code length
+    hash_summary = json.loads(Path("metrics/hash/metrics.json").read_text())
+    for bits in ("16", "32"):
+        assert {"train", "val", "lr", "best_val_map", "best_epoch"} <= set(hash_summary[bits])
+        rows = Path(f"metrics/hash/plots/metrics/{bits}/train/loss.tsv").read_text().splitlines()
+        assert rows[1].split("\t")[0] == "0" and len(rows) == 1 + params["train"]["hash"]["epochs"]
+    declared = {next(iter(e)) if isinstance(e, dict) else e for e in dvc_yaml["metrics"] + dvc_yaml["plots"]}
+    assert {"metrics/fusion/metrics.json", "metrics/hash/metrics.json", "metrics/hash/plots/metrics"} <= declared
 
     curves = json.loads(Path("metrics/fusion/metrics.json").read_text())
     assert {"train", "val", "lr", "best_val_map", "best_epoch"} <= set(curves)

@@ -24,7 +24,7 @@ from cmhash.training.precision import Precision
 from cmhash.training.resume import RunFolder
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
-from cmhash.training.task import train_task
+from cmhash.training.task import open_live, train_task
 
 D, CLASSES = 16, 4
 
@@ -58,8 +58,9 @@ def fusion_ckpt(tmp_path: Path, params: dict) -> Path:
 
 def train(params: dict, root: Path, features_dir: Path, *, bits: int | None = None, init_from: Path | None = None,
           checkpoint_dir: Path | None = None) -> float:
-    return train_task(params, features_dir=features_dir, out_path=root / "out" / "model.pt", metrics_dir=root / "metrics",
-                      checkpoint_dir=checkpoint_dir or root / "checkpoints", bits=bits, init_from=init_from)
+    with open_live(root / "metrics") as live:
+        return train_task(params, features_dir=features_dir, out_path=root / "out" / "model.pt", live=live,
+                          checkpoint_dir=checkpoint_dir or root / "checkpoints", bits=bits, init_from=init_from)
 
 
 def outputs(root: Path) -> tuple[dict, dict[str, str]]:

@@ -2,12 +2,14 @@
 
 reads   stages/extract/{query,retrieval}.pkl, stages/fusion/model.pt, stages/hash/<bits>/model.pt
 writes  (under metrics/, git-tracked; key names are stable and documented in the README)
+        map.json                   all of the below in one file: {"<bits>": ..., "tie_aware": {"<bits>": ...},
+                                   "real_valued": ..., "chance": ...}, what `dvc metrics diff` compares
         map/<bits>.json            MAP of the Hamming ranking (ties by database index)
         map/tie_aware/<bits>.json  tie-aware MAP (expected over the orders of tied items)
         map/real_valued.json       task-0 cosine MAP
         map/chance.json            expected MAP of a random ranking
-            all four {protocol: {direction: {"map@K", ..., "map@all"}}}: one row each in
-            `dvc metrics show metrics/map`, the same columns in every row (a paper table)
+            each {protocol: {direction: {"map@K", ..., "map@all"}}}: the same numbers as map.json, one
+            row per file in `dvc metrics show metrics/map`, the same columns in every row (a paper table)
         evaluate.json              what was scored: features, item counts, the random-init note
         curves/pr/<protocol>-<direction>.json              precision and recall within Hamming
                                                            radius 0..bits, rows tagged with `bits`
@@ -85,6 +87,12 @@ def replace_dir(path: Path, files: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def one_file(tables: dict[str, MapTable], bits: list[int]) -> dict[str, Any]:
+    """metrics/map.json: code lengths first (unpadded), then tie-aware, real-valued and chance."""
+    return {**{str(b): tables[file_stem(b)] for b in bits}, "tie_aware": {str(b): tables[f"tie_aware/{file_stem(b)}"] for b in bits},
+            "real_valued": tables["real_valued"], "chance": tables["chance"]}
 
 
 def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label: np.ndarray, db_label: np.ndarray,
@@ -169,6 +177,7 @@ def run(params: dict, features_dir: Path, fusion_path: Path, hash_dir: Path, out
         for protocol, named in codes.items():
             _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **{n: np.packbits(c > 0, axis=1) for n, c in named.items()})
 
+    write_json(metrics_dir / "map.json", one_file(tables, bits_list))
     replace_dir(metrics_dir / "map", {f"{name}.json": content for name, content in tables.items()})
     replace_dir(metrics_dir / "curves", curves)
     write_json(metrics_dir / "evaluate.json", info)
@@ -182,7 +191,7 @@ def command(
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint (real-valued numbers).")] = Path("stages/fusion/model.pt"),
     hash_dir: Annotated[Path, typer.Option(help="task-1 checkpoints, <hash-dir>/<bits>/model.pt.")] = Path("stages/hash"),
     out_dir: Annotated[Path, typer.Option(help="where the scored codes are saved.")] = Path("stages/evaluate"),
-    metrics_dir: Annotated[Path, typer.Option(help="where map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
+    metrics_dir: Annotated[Path, typer.Option(help="where map.json, map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
 ) -> None:
     """MAP@K, MAP@all, PR and precision@N curves: image->text and text->image, every code length, strict and paired."""
     run(load_params(params), features_dir, fusion, hash_dir, out_dir, metrics_dir)

@@ -14,7 +14,7 @@ import typer
 
 from cmhash.config import load_params
 from cmhash.pipeline import ParamsOption
-from cmhash.training.task import train_task
+from cmhash.training.task import open_live, train_task
 
 
 def command(
@@ -25,4 +25,5 @@ def command(
     checkpoints: Annotated[Path, typer.Option(help="an unfinished run's state (last.pt, best.pt), to resume from.")] = Path("checkpoints/fusion"),
 ) -> None:
     """Task 0: train the fusion transformer; keep the checkpoint with the best val MAP."""
-    train_task(load_params(params), features_dir=features_dir, out_path=out, metrics_dir=metrics_dir, checkpoint_dir=checkpoints)
+    with open_live(metrics_dir) as live:
+        train_task(load_params(params), features_dir=features_dir, out_path=out, live=live, checkpoint_dir=checkpoints)

@@ -1,7 +1,8 @@
 """Stage `train-hash` (task 1): hash heads on the fusion model, one model per code length.
 
 reads   stages/extract/{train,val}.pkl, stages/fusion/model.pt (initial fusion weights)
-writes  stages/hash/<bits>/model.pt (best val MAP), metrics/hash/<bits>/ (dvclive)
+writes  stages/hash/<bits>/model.pt (best val MAP), metrics/hash/ (one dvclive folder: curves
+        `<bits>/train/loss`..., summary {"<bits>": {...}})
 keeps   checkpoints/hash/<bits>/ while unfinished (git-ignored, not a DVC out): a re-run resumes it
 """
 
@@ -14,7 +15,7 @@ import typer
 
 from cmhash.config import get, load_params
 from cmhash.pipeline import ParamsOption
-from cmhash.training.task import train_task
+from cmhash.training.task import open_live, train_task
 
 
 def command(
@@ -23,11 +24,12 @@ def command(
     features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from.")] = Path("stages/fusion/model.pt"),
     out_dir: Annotated[Path, typer.Option(help="writes <out-dir>/<bits>/model.pt.")] = Path("stages/hash"),
-    metrics_dir: Annotated[Path, typer.Option(help="dvclive curves per code length.")] = Path("metrics/hash"),
+    metrics_dir: Annotated[Path, typer.Option(help="dvclive curves and summary, keyed by code length.")] = Path("metrics/hash"),
     checkpoints: Annotated[Path, typer.Option(help="unfinished runs' state, <checkpoints>/<bits>/, to resume from.")] = Path("checkpoints/hash"),
 ) -> None:
     """Task 1: train hash heads (and fine-tune fusion) for every code length."""
     p = load_params(params)
-    for b in bits or [int(x) for x in get(p, "bits")]:
-        train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", metrics_dir=metrics_dir / str(b),
-                   checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)
+    with open_live(metrics_dir) as live:
+        for b in bits or [int(x) for x in get(p, "bits")]:
+            train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", live=live,
+                       checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)

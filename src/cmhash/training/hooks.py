@@ -91,12 +91,13 @@ class EarlyStopping:
 
 
 class LiveLogger:
-    """Every number of the epoch as a dvclive step curve; best-so-far in the summary. Keeps the
-    rows it logged so a resumed run can write the earlier epochs' curves again: `dvc repro`
-    deletes a stage's outputs, metrics included, before it re-runs the stage."""
+    """Every number of the epoch as a dvclive step curve (names prefixed, e.g. `16/train/loss`, when
+    several runs share one Live); best-so-far in the summary, under the prefix. Keeps the rows it
+    logged so a resumed run can write the earlier epochs' curves again: `dvc repro` deletes a
+    stage's outputs, metrics included, before it re-runs the stage."""
 
-    def __init__(self, live) -> None:
-        self.live = live
+    def __init__(self, live, prefix: str = "") -> None:
+        self.live, self.prefix = live, prefix
         self.history: list[dict] = []
 
     def __call__(self, state: TrainState) -> None:
@@ -104,8 +105,9 @@ class LiveLogger:
 
     def log(self, row: dict) -> None:
         for name, value in row["logs"].items():
-            self.live.log_metric(name, value)
-        self.live.summary.update({"best_val_map": row["best"], "best_epoch": row["best_epoch"]})
+            self.live.log_metric(self.prefix + name, value)
+        summary = self.live.summary.setdefault(self.prefix.rstrip("/"), {}) if self.prefix else self.live.summary
+        summary.update({"best_val_map": row["best"], "best_epoch": row["best_epoch"]})
         self.live.next_step()
         self.history.append(row)
 

@@ -33,6 +33,12 @@ def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.
     return OPTIMIZERS[name](groups, betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
 
 
+def open_live(folder: Path) -> Live:
+    """dvclive curves (plots/metrics/) and summary (metrics.json) in `folder`; dvc.yaml, not
+    dvclive, declares them to DVC."""
+    return Live(str(folder), save_dvc_exp=False, dvcyaml=False)
+
+
 def fingerprint(params: dict[str, Any], task: str, config: dict[str, Any], data: list[torch.Tensor],
                 init: list[torch.Tensor]) -> dict[str, Any]:
     """What a run's result depends on; a run resumes only into the same fingerprint. train.resume
@@ -46,10 +52,11 @@ def fingerprint(params: dict[str, Any], task: str, config: dict[str, Any], data:
     }
 
 
-def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, metrics_dir: Path, checkpoint_dir: Path,
+def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, live: Live, checkpoint_dir: Path,
                bits: int | None = None, init_from: Path | None = None) -> float:
     """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP. The
-    unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume)."""
+    unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume). Task 1's code
+    lengths share one `live`: their curves are named `<bits>/...`, each starting at step 0."""
     task = "hash" if bits else "fusion"
     seed_everything(int(get(params, "seed")))
     device = resolve_device(str(get(params, "device")))
@@ -87,18 +94,17 @@ def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, me
         precision=Precision(str(t["precision"]), device),
     )
     run = RunFolder(checkpoint_dir, fingerprint(params, task, config, [train.image, train.text, train.label, val.image, val.text, val.label], init))
-    live = Live(str(metrics_dir), save_dvc_exp=False, dvcyaml=False)
+    live.step = 0
     hooks = [
         Validator(val, train, every=int(t["eval_every"]), epochs=epochs, batch_size=int(t["batch_size"]), topk=int(t["select_topk"])),
         Checkpointer(run.best_path),
         EarlyStopping(int(t["patience"]), float(t["min_delta"])),
-        LiveLogger(live),
+        LiveLogger(live, prefix=f"{bits}/" if bits else ""),
     ]
     generator = torch.Generator().manual_seed(int(get(params, "seed")))
     log.info("%s: %d train / %d val pairs, loss %s, %d epochs on %s", task, len(train), len(val), loss_name, epochs, device)
     run.start(state, generator, hooks, resume=resume)
     fit(state, train, epochs=epochs, batch_size=int(t["batch_size"]), clip_grad_norm=float(t["clip_grad_norm"]), hooks=[*hooks, run], generator=generator)
-    live.end()
     run.finish(out_path)
     log.info("%s: best val MAP@%s %.4f at epoch %d", task, t["select_topk"], state.best, state.best_epoch)
     return state.best
