@@ -18,6 +18,7 @@ from typing import Annotated, Any, Callable, Optional
 import numpy as np
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -220,6 +221,17 @@ def _check_model(code_index: CodeIndex, hash_model: HashModel, index_dir: Path) 
                         "(sha256 differs: retrained since?); rebuild the index with `cmhash index`")
 
 
+def _check_image(path: Path) -> None:
+    """Fail on a missing or undecodable query image before CLIP and the models load."""
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}") from None
+
+
 def _query_features(encoder: ClipEncoder, modality: str, query: str) -> np.ndarray:
     if modality == "text":
         return encoder.captions([query])
@@ -233,8 +245,8 @@ def search_index(index_dir: Path, modality: str, query: str, top: int, model: Pa
     """The `top` nearest items of the other modality to one query: a JSON-ready dict."""
     if top < 1:
         raise ConfigError(f"-k/--top must be at least 1 (got {top})")
-    if modality == "image" and not Path(query).is_file():
-        raise DataError(f"image not found: {query}")
+    if modality == "image":
+        _check_image(Path(query))
     code_index = CodeIndex.load(index_dir)
     target = OTHER[modality]
     if target not in code_index.codes:
@@ -248,16 +260,21 @@ def search_index(index_dir: Path, modality: str, query: str, top: int, model: Pa
     code = pack_codes(hash_model.codes(_query_features(encoder, modality, query), modality))
     dist, rows = hamming_topk(code_index.codes[target], code, top)
     results = [{"rank": rank, "distance": int(d), "row": int(r), **code_index.items[r]} for rank, (d, r) in enumerate(zip(dist[0], rows[0]), 1)]
-    return {"query": {modality: query}, "searched": target, "bits": code_index.bits, "index": str(index_dir), "results": results}
+    clip = {k: code_index.meta["clip"].get(k) for k in ("clip_model", "pretrained", "random_init")}
+    return {"query": {modality: query}, "searched": target, "bits": code_index.bits, "index": str(index_dir), "clip": clip,
+            "results": results}
 
 
 def _table(found: dict[str, Any]) -> Table:
     (modality, query), = found["query"].items()
     shown = SHOWN[found["searched"]]
-    table = Table(title=f"{found['searched']}s nearest to {modality} {query!r} ({found['bits']}-bit Hamming)")
+    note = "Hamming ties broken by database index (lower first)"
+    if found["clip"].get("random_init"):
+        note += "; random-init CLIP features: these results test the pipeline, not the method"
+    table = Table(title=f"{found['searched']}s nearest to {modality} {query!r} ({found['bits']}-bit Hamming)", caption=note)
     with_labels = any(r.get("labels") for r in found["results"])
     for name, justify in (("rank", "right"), ("distance", "right"), ("id", "left"), (shown, "left")) + ((("labels", "left"),) if with_labels else ()):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify=justify, overflow="fold")  # a long path wraps whole, never cut to "…"
     for r in found["results"]:
         table.add_row(str(r["rank"]), str(r["distance"]), r["id"], str(r.get(shown, "")), *([", ".join(r.get("labels", []))] if with_labels else []))
     return table

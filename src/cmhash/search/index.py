@@ -1,7 +1,7 @@
 """The code index: packed binary codes per modality in FAISS binary indexes, plus where they came from.
 
-    <dir>/index.json    bits, modalities, source, the hash model (path, sha256), the CLIP encoder
-                        (model, weights, seed), label names
+    <dir>/index.json    format, bits, modalities, count, source, the hash model (path, sha256), the
+                        CLIP encoder (model, pretrained, random_init, seed, weights digest)
     <dir>/items.jsonl   one line per database row: id, image path and/or caption, label names
     <dir>/image.faiss   faiss.IndexBinaryFlat of the image codes (row i = line i of items.jsonl)
     <dir>/text.faiss    the same for the text codes
