@@ -14,6 +14,9 @@ baseline  for each pair: PIL open -> preprocess -> encode_image of 1 image, toke
           of 1 caption; no workers, no batches.
 
 Both run once after a short warm-up (first calls into torch are slow); times are wall clock.
+Torch threads: --threads (default 1) on both sides, so the ratio measures batching and parallel
+decoding rather than how many threads each side's matrix products get; ours' decoding workers
+are extra processes, as they are in `cmhash extract`.
 Features are checked to agree (np.allclose) before any number is printed.
 """
 

@@ -281,3 +281,88 @@ def test_manifest_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="label_names must be null or a list of distinct strings"):
         build("manifest", tmp_path, {"path": "pairs.csv", "label_names": "dog"})
 
+
+
+# --- prepare: splits, the bad-item policy, one-line errors -----------------------------------
+
+
+def _manifest_collection(root: Path, n: int, bad: dict[int, str] | None = None) -> None:
+    """n JSONL pairs p0..p{n-1} with JPEGs; `bad` maps a row to "caption" (empty) or "label" (none)."""
+    rows = []
+    for k in range(n):
+        write_jpeg(root / "img" / f"{k}.jpg")
+        rows.append({"id": f"p{k}", "image": f"img/{k}.jpg", "caption": f"pair {k}", "labels": ["odd" if k % 2 else "even"]})
+    for k, what in (bad or {}).items():
+        rows[k]["caption" if what == "caption" else "labels"] = " " if what == "caption" else []
+    write(root / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _prepare(params, root: Path, out: Path, **sizes):
+    from cmhash.pipeline import prepare
+
+    params["data"].update(name="manifest", root=str(root))
+    params["data"]["manifest"] = {"path": "pairs.jsonl", **sizes}
+    return prepare.run(params, out)
+
+
+def test_prepare_splits_follow_params_are_seeded_and_identical_across_runs(params, tmp_path):
+    _manifest_collection(tmp_path / "c", 30)
+    sizes = {"query": 6, "train": 15, "val": 4}
+    counts = _prepare(params, tmp_path / "c", tmp_path / "a", **sizes)
+    assert counts == {"query": 6, "retrieval": 24, "train": 15, "val": 4}
+    _prepare(params, tmp_path / "c", tmp_path / "b", **sizes)
+    for name in ("query.jsonl", "retrieval.jsonl", "train.jsonl", "val.jsonl", "labels.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    ids = {s: [json.loads(line)["id"] for line in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()]
+           for s in ("query", "retrieval", "train", "val")}  # fmt: skip
+    assert sorted(ids["query"] + ids["retrieval"], key=lambda i: int(i[1:])) == [f"p{k}" for k in range(30)]
+    assert set(ids["train"]) | set(ids["val"]) <= set(ids["retrieval"]) and not set(ids["train"]) & set(ids["val"])
+    params["seed"] += 1
+    _prepare(params, tmp_path / "c", tmp_path / "d", **sizes)
+    assert (tmp_path / "d" / "query.jsonl").read_bytes() != (tmp_path / "a" / "query.jsonl").read_bytes()
+
+
+def test_prepare_bad_item_policy_skip_reports_and_fail_stops(params, tmp_path, caplog):
+    make_mirflickr(tmp_path / "mf")
+    params["data"].update(name="mirflickr", root=str(tmp_path / "mf"), on_bad_item="skip")
+    params["data"]["mirflickr"].update(query=1, train=1, val=1)
+    from cmhash.pipeline import prepare
+
+    with caplog.at_level("WARNING", logger="cmhash"):
+        prepare.run(params, tmp_path / "out")
+    report = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reason"] for r in report} == {
+        "3": "empty caption", "4": "no label", "5": "image file missing", "7": "tags file missing"}  # fmt: skip
+    assert "skipped 4 item(s)" in caplog.text
+
+    params["data"]["on_bad_item"] = "fail"
+    with pytest.raises(DataError, match=r"^3 bad item\(s\), first: 3: empty caption \(or set data.on_bad_item: skip\)$"):
+        prepare.run(params, tmp_path / "failed")
+    assert not (tmp_path / "failed" / "query.jsonl").exists()
+
+
+def test_pairs_without_a_label_are_not_bad_items(params, tmp_path):
+    _manifest_collection(tmp_path / "c", 12, bad={4: "label"})
+    params["data"]["on_bad_item"] = "fail"
+    counts = _prepare(params, tmp_path / "c", tmp_path / "out", query=3, train=6, val=2)
+    assert counts["query"] + counts["retrieval"] == 11
+    assert (tmp_path / "out" / "skipped.jsonl").read_text() == '{"id": "p4", "reason": "no label"}\n'
+    _manifest_collection(tmp_path / "c", 12, bad={4: "caption"})
+    with pytest.raises(DataError, match="p4: empty caption"):
+        _prepare(params, tmp_path / "c", tmp_path / "out2", query=3, train=6, val=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("mirflickr", "mirflickr"), ("nuswide", "ImageList/Imagelist.txt"), ("coco", "annotations/captions_train2014.json")],
+)
+def test_missing_layout_is_one_line_naming_the_expected_path(params, params_file, tmp_path, name, expected):
+    import yaml
+    from test_cli import invoke, one_line_error
+
+    params["data"].update(name=name, root=str(tmp_path / "nowhere"))
+    params_file.write_text(yaml.safe_dump(params))
+    assert f"dataset root not found: {tmp_path / 'nowhere'}" in one_line_error(invoke("prepare", "--params", params_file))
+    (tmp_path / "nowhere").mkdir()  # a root, but not in the dataset's layout
+    line = one_line_error(invoke("prepare", "--params", params_file))
+    assert f"not found: {tmp_path / 'nowhere' / expected}" in line

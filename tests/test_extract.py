@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,29 @@ def test_feature_files_and_metrics_record_what_made_them(setup, monkeypatch):
     assert load_pickle(tmp / "same" / "train.pkl")["dataset_version"] == train["dataset_version"]
 
 
+def test_decoding_workers_give_the_same_features_as_the_main_process(setup, monkeypatch):
+    params, tmp = setup
+    params["clip"]["num_workers"] = 0
+    run_extract(params, tmp, monkeypatch, out="inline")
+    params["clip"]["num_workers"] = 2
+    assert run_extract(params, tmp, monkeypatch, out="workers") == [BATCH, BATCH] * 3 + [4]  # batches, in order
+    assert_same_features(tmp / "workers", tmp / "inline")
+
+
+def test_bf16_runs_clip_under_autocast_and_saves_float32(setup, monkeypatch):
+    params, tmp = setup
+    run_extract(params, tmp, monkeypatch, out="fp32")
+    params["clip"]["precision"] = "bf16"
+    run_extract(params, tmp, monkeypatch, out="bf16")
+    fp32, bf16 = features(tmp / "fp32"), features(tmp / "bf16")
+    assert bf16["train"]["precision"] == "bf16" and bf16["train"]["image"].dtype == np.float32
+    for key in ("image", "text"):
+        a, b = fp32["train"][key], bf16["train"][key]
+        assert not np.array_equal(a, b)  # the arithmetic did change (bf16 keeps 8 bits of mantissa)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.min() > 0.99, key  # but the features are the same features
+
+
 def test_fail_policy_stops_on_a_bad_image_with_one_line(setup, monkeypatch):
     params, tmp = setup
     params["data"]["on_bad_item"] = "fail"
@@ -229,11 +254,17 @@ def test_corrupt_jpeg_and_empty_caption_are_skipped_and_reported(params, params_
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params["data"].update(name="manifest", root=str(root))
     params["data"]["manifest"] = {"path": "pairs.jsonl", "query": 3, "train": 5, "val": 2}
+    params["clip"]["batch_size"] = 4  # a few batches, so the progress bar has a rate to show
     params_file.write_text(yaml.safe_dump(params))
 
+    output = {}
     for stage in ("prepare", "extract"):
         result = invoke(stage, "--params", params_file)
         assert result.exit_code == 0, result.output
+        output[stage] = " ".join(result.output.split())  # log lines wrap at the terminal width
+    assert "skipped 1 item(s) (1 empty caption)" in output["prepare"]
+    assert "skipped 1 undecodable image(s)" in output["extract"]
+    assert re.search(r"extract \S* 11/11 100% [\d,]+ pair/s", output["extract"]), output["extract"]  # the bar's rate
     stages = tmp_path / "stages"
     prepare_skipped = [json.loads(line) for line in (stages / "prepare/skipped.jsonl").read_text().splitlines()]
     extract_skipped = [json.loads(line) for line in (stages / "extract/skipped.jsonl").read_text().splitlines()]
@@ -297,3 +328,23 @@ def test_a_local_checkpoint_file_gives_the_same_features_as_its_weights(setup, m
     assert "seed" not in train and "weights_sha256" not in train
     metrics = json.loads((tmp / "file.json").read_text())
     assert metrics["random_init"] is False and train["checkpoint_sha256"] in metrics["weights"]
+
+
+@pytest.mark.parametrize("content", ["code", "garbage"])
+def test_a_checkpoint_that_is_not_plain_weights_is_refused_without_running_it(params, params_file, tmp_path, content):
+    assert invoke("prepare", "--params", params_file).exit_code == 0
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "weights.pt"
+    if content == "code":
+        class RunsCode:
+            def __reduce__(self):
+                return os.mkdir, (str(marker),)
+
+        torch.save({"state_dict": RunsCode()}, checkpoint)
+    else:
+        checkpoint.write_bytes(b"<html>404 not found</html>")
+    params["clip"]["pretrained"] = str(checkpoint)
+    params_file.write_text(yaml.safe_dump(params))
+    line = one_line_error(invoke("extract", "--params", params_file))
+    assert f"cannot load CLIP checkpoint {checkpoint}: not a plain weights file" in line and "weights_only=True" in line
+    assert not marker.exists()  # weights_only=True: the pickled call was never made

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,12 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
     try:
         with _held_logs():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refuses a file that would run code when unpickled, or is not a checkpoint.
+        raise ConfigError(
+            f"cannot load CLIP checkpoint {weights}: not a plain weights file (it is read with weights_only=True, "
+            "which refuses pickled objects other than tensors and plain containers)"
+        ) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if weights is not None and not Path(weights).is_file():
             raise ConfigError(
