@@ -24,13 +24,13 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import tracemalloc  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from timing import best_time  # noqa: E402
 from cmhash.evaluation import chance_map, mean_average_precision, pr_curve, precision_at_n, tie_aware_map  # noqa: E402
 
 
@@ -79,15 +79,6 @@ def loop_map(query_codes, db_codes, query_labels, db_labels, topk) -> dict:
             if len(hit_ranks):
                 total[k] += float(np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks))
     return {k: v / len(query_codes) for k, v in total.items()}
-
-
-def best_time(run: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def peak_mib(run: Callable[[], object]) -> float:

@@ -27,12 +27,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timing import best_time  # noqa: E402
 from cmhash.search.index import binary_index, hamming_topk  # noqa: E402
 
 BITS = 64
@@ -49,15 +49,6 @@ def numpy_topk(db64: np.ndarray, queries64: np.ndarray, k: int) -> tuple[np.ndar
         top = candidates[np.argsort(dist[candidates], kind="stable")[:k]]
         dist_out[q], rows_out[q] = dist[top], top
     return dist_out, rows_out
-
-
-def best_time(run: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main(argv: list[str] | None = None) -> int:
