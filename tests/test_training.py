@@ -1,11 +1,14 @@
 """The training engine: early stopping and best-checkpoint selection on scripted val curves,
-determinism, resuming an interrupted run exactly, refusing to resume into other settings, and
-task 1 starting from the fusion checkpoint. CPU, fp32, tiny synthetic features."""
+determinism, resuming an interrupted run exactly, refusing to resume into other settings,
+task 1 starting from the fusion checkpoint, bad `train` settings refused before training, the
+optimiser and its param groups, and the logged lr and validation curves. CPU, fp32, tiny
+synthetic features."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from cmhash.training.precision import Precision
 from cmhash.training.resume import RunFolder
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
-from cmhash.training.task import open_live, train_task
+from cmhash.training.task import build_optimizer, open_live, train_task
 
 D, CLASSES = 16, 4
 
@@ -208,7 +211,7 @@ def interrupted(params: dict, root: Path, features_dir: Path, monkeypatch, **kw)
 @pytest.mark.parametrize(("change", "named"), [
     (lambda p: p.update(loss="infonce"), "loss"),
     (lambda p: p["model"].update(arch="cross_attention"), "model.arch"),
-    (lambda p: p["train"]["fusion"].update(lr=3e-4), "train.fusion.lr"),
+    (lambda p: p["train"]["fusion"].update(lr=2 * p["train"]["fusion"]["lr"]), "train.fusion.lr"),
 ])
 def test_resuming_with_other_settings_is_refused_in_one_line(params, tmp_path, features_dir, monkeypatch, change, named):
     interrupted(params, tmp_path, features_dir, monkeypatch)
@@ -271,3 +274,133 @@ def test_validator_never_sees_the_query_split(params, tmp_path, features_dir, mo
     monkeypatch.setattr(task_module, "load_features", lambda path, *a: seen.append(Path(path).name) or load(path, *a))
     train(params, tmp_path, features_dir)
     assert sorted(seen) == ["train.pkl", "val.pkl"]
+
+
+# ---- train settings, the optimiser, the logged curves ----------------------------------------
+
+MISSING = object()
+
+
+def set_train(params: dict, dotted: str, value) -> None:
+    """params["train"][a][b] = value for "a.b"; MISSING deletes the key."""
+    *parents, leaf = dotted.split(".")
+    node = params["train"]
+    for key in parents:
+        node = node[key]
+    if value is MISSING:
+        del node[leaf]
+    else:
+        node[leaf] = value
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("eval_every", 0), ("eval_every", 1.5), ("eval_every", "2"), ("batch_size", 0), ("batch_size", -16),
+    ("fusion.epochs", 0), ("hash.epochs", 0), ("hash.epochs", 2.0),
+    ("fusion.lr", 0), ("fusion.lr", -1e-4), ("fusion.lr", "fast"), ("fusion.lr", float("nan")), ("fusion.lr", True),
+    ("hash.lr", 0.0), ("hash.fusion_lr", -1e-4), ("hash.fusion_lr", None),
+    ("optimizer.betas", [0.9]), ("optimizer.betas", [0.9, 1.0]), ("optimizer.betas", [-0.1, 0.999]),
+    ("optimizer.betas", 0.9), ("optimizer.betas", ["a", 0.999]), ("optimizer.weight_decay", -0.01),
+    ("clip_grad_norm", -1.0), ("patience", -1), ("patience", 2.5), ("min_delta", -0.1), ("hash.hash_weight", -0.5),
+    ("select_topk", 0), ("resume", "yes"),
+    ("eval_every", MISSING), ("hash.fusion_lr", MISSING), ("optimizer.betas", MISSING), ("fusion.epochs", MISSING),
+    ("precision", MISSING), ("hash.hash_weight", MISSING),
+])
+def test_a_bad_train_setting_stops_before_training_in_one_line_naming_it(params, tmp_path, features_dir, fusion_ckpt,
+                                                                         monkeypatch, key, value):
+    set_train(params, key, value)
+    monkeypatch.setattr(task_module, "load_features", lambda *a: pytest.fail("loaded data before checking the settings"))
+    bits = 16 if key.startswith("hash.") else None
+    with pytest.raises(ConfigError) as err:
+        train(params, tmp_path, features_dir, bits=bits, init_from=fusion_ckpt if bits else None)
+    message = str(err.value)
+    assert f"train.{key}" in message and "\n" not in message
+    assert ("params.yaml has no" in message) == (value is MISSING)
+
+
+def test_valid_edge_values_are_accepted(params, tmp_path, features_dir):
+    """The bounds themselves, and a lr PyYAML reads as a string ("1e-4" has no dot)."""
+    params["train"].update(patience=0, min_delta=0.0, clip_grad_norm=0.0, eval_every=5, select_topk=1)
+    params["train"]["optimizer"].update(betas=[0.0, 0.0], weight_decay=0)
+    params["train"]["fusion"].update(epochs=1, lr="1e-4")
+    assert math.isfinite(train(params, tmp_path, features_dir))
+
+
+def test_the_optimizer_gets_its_name_betas_weight_decay_and_named_groups(params, tmp_path, features_dir, fusion_ckpt, monkeypatch):
+    params["train"]["optimizer"] = {"name": "adamw", "betas": [0.8, 0.95], "weight_decay": 0.01}
+    params["train"]["hash"].update(lr=2e-3, fusion_lr=3e-4)
+    seen: dict = {}
+
+    def spy(state, *args, **kwargs):
+        model = state.runner.model
+        seen["optimizer"] = state.optimizer
+        seen["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in state.optimizer.param_groups]
+        seen["params"] = [{id(p) for p in g["params"]} for g in state.optimizer.param_groups]
+        seen["fusion"] = {id(p) for p in model.fusion.parameters()}
+        seen["heads"] = {id(p) for p in [*model.image_head.parameters(), *model.text_head.parameters()]}
+        return fit(state, *args, **kwargs)
+
+    monkeypatch.setattr(task_module, "fit", spy)
+    train(params, tmp_path, features_dir, bits=16, init_from=fusion_ckpt)
+    assert type(seen["optimizer"]) is torch.optim.AdamW
+    assert [g["name"] for g in seen["groups"]] == ["fusion", "hash"]
+    assert [g["lr"] for g in seen["groups"]] == [3e-4, 2e-3]
+    assert all(g["betas"] == (0.8, 0.95) and g["weight_decay"] == 0.01 for g in seen["groups"])
+    assert seen["params"] == [seen["fusion"], seen["heads"]]  # every weight trained, each in one group
+
+
+def test_task_0_has_one_param_group_named_fusion_with_its_lr(params, tmp_path, features_dir, monkeypatch):
+    params["train"]["optimizer"] = {"name": "adam", "betas": [0.5, 0.999], "weight_decay": 0.0}
+    params["train"]["fusion"]["lr"] = 5e-4
+    seen = []
+    snapshot = lambda opt: (type(opt), [(g["name"], g["lr"], g["betas"]) for g in opt.param_groups])  # noqa: E731
+    monkeypatch.setattr(task_module, "fit", lambda state, *a, **k: seen.append(snapshot(state.optimizer)) or fit(state, *a, **k))
+    train(params, tmp_path, features_dir)
+    assert seen == [(torch.optim.Adam, [("fusion", 5e-4, (0.5, 0.999))])]
+
+
+def test_an_unknown_optimizer_is_refused_listing_the_valid_names():
+    groups = [{"name": "fusion", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    with pytest.raises(ConfigError, match=r"^unknown train.optimizer.name 'sgd'; choose one of: adam, adamw$"):
+        build_optimizer({"name": "sgd", "betas": [0.9, 0.999], "weight_decay": 0.0}, groups)
+
+
+def logged(root: Path, name: str) -> dict[int, float]:
+    """A dvclive curve as {step: value}; step s is epoch s + 1 (LiveLogger starts at step 0)."""
+    rows = (root / "metrics" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", name.split("/")[-1]]
+    return {int(step): float(value) for step, value in (row.split("\t") for row in rows[1:])}
+
+
+def test_the_logged_lr_follows_warm_up_then_cosine(params, tmp_path, features_dir):
+    epochs, warmup, base, start, floor = 5, 2, 1e-4, 1e-6, 1e-6
+    params["train"]["fusion"].update(epochs=epochs, lr=base)
+    params["train"]["schedule"].update(name="cosine", warmup_epochs=warmup, warmup_lr=start, eta_min=floor)
+    train(params, tmp_path, features_dir)
+    expected = {}
+    for epoch in range(epochs):  # 0-based: the lr the epoch trains with
+        if epoch < warmup:
+            expected[epoch] = start + (base - start) * epoch / warmup
+        else:
+            expected[epoch] = floor + (base - floor) * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup))) / 2
+    curve = logged(tmp_path, "lr/fusion")
+    assert curve.keys() == expected.keys()
+    for epoch, lr in expected.items():
+        assert curve[epoch] == pytest.approx(lr, rel=1e-9, abs=0), epoch
+    assert curve[warmup] == pytest.approx(base) and curve[epochs - 1] > floor  # the last epoch still learns
+
+
+def test_validation_runs_every_eval_every_epochs_and_at_the_last(params, tmp_path, features_dir):
+    params["train"].update(eval_every=2)
+    params["train"]["fusion"]["epochs"] = 5
+    train(params, tmp_path, features_dir)
+    validated = {2, 4, 5}  # epochs
+    train_loss = logged(tmp_path, "train/loss")
+    assert set(train_loss) == {epoch - 1 for epoch in range(1, 6)}  # train numbers every epoch
+    val = {name: logged(tmp_path, f"val/{name}") for name in ("loss", "map", "train_val_loss_ratio")}
+    for name, curve in val.items():
+        assert set(curve) == {epoch - 1 for epoch in validated}, name
+    for step, ratio in val["train_val_loss_ratio"].items():
+        assert ratio == pytest.approx(train_loss[step] / val["loss"][step])
+    assert all(0.0 <= m <= 1.0 for m in val["map"].values())
+    best = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert best["epoch"] in validated and best["val_map"] == pytest.approx(max(val["map"].values()))

@@ -5,8 +5,9 @@ best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1)."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from dvclive import Live
@@ -28,9 +29,60 @@ log = logging.getLogger("cmhash")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
+class Range(NamedTuple):
+    """The values a `train` number may take: an integer (or any finite number) from `low`
+    (excluded when `open_low`) up to, not including, `high`."""
+
+    integer: bool
+    low: float
+    open_low: bool = False
+    high: float = math.inf
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, bool) or (self.integer and not isinstance(value, int)):
+            return False
+        try:
+            number = float(value)  # also "1e-4", which PyYAML reads as a string (its floats need a dot)
+        except (TypeError, ValueError):
+            return False
+        return math.isfinite(number) and (number > self.low if self.open_low else number >= self.low) and number < self.high
+
+    def __str__(self) -> str:
+        bound = f"{'>' if self.open_low else '>='} {self.low:g}" + ("" if self.high == math.inf else f" and < {self.high:g}")
+        return f"{'an integer' if self.integer else 'a number'} {bound}"
+
+
+COUNT, POSITIVE, NON_NEGATIVE = Range(True, 1), Range(False, 0, open_low=True), Range(False, 0)
+RANGES = {"batch_size": COUNT, "eval_every": COUNT, "select_topk": COUNT, "patience": Range(True, 0),
+          "min_delta": NON_NEGATIVE, "clip_grad_norm": NON_NEGATIVE, "optimizer.weight_decay": NON_NEGATIVE}
+TASK_RANGES = {"fusion": {"epochs": COUNT, "lr": POSITIVE},
+               "hash": {"epochs": COUNT, "lr": POSITIVE, "fusion_lr": POSITIVE, "hash_weight": NON_NEGATIVE}}
+BETA = Range(False, 0, high=1)  # each of train.optimizer.betas
+
+
+def check_train(params: dict[str, Any], task: str) -> None:
+    """Every `train` setting the task reads, checked before anything is loaded or trained: a missing
+    key or a bad value is one ConfigError line naming it. The named choices (inputs, precision,
+    optimizer.name) and train.schedule are checked where they are built, also before training."""
+    for key in ("inputs", "precision", "schedule", "optimizer.name"):
+        get(params, f"train.{key}")
+    resume = get(params, "train.resume")
+    if not isinstance(resume, bool):
+        raise ConfigError(f"train.resume must be true or false, got {resume!r}")
+    ranges = {**RANGES, **{f"{task}.{key}": r for key, r in TASK_RANGES[task].items()}}
+    for key, allowed in ranges.items():
+        value = get(params, f"train.{key}")
+        if not allowed.holds(value):
+            raise ConfigError(f"train.{key} must be {allowed}, got {value!r}")
+    betas = get(params, "train.optimizer.betas")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(BETA.holds(b) for b in betas)):
+        raise ConfigError(f"train.optimizer.betas must be a list of two numbers, each {BETA}, got {betas!r}")
+
+
 def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """`train.optimizer` (checked by check_train) over the named param groups."""
     name = choose(cfg["name"], OPTIMIZERS, "train.optimizer.name")
-    return OPTIMIZERS[name](groups, betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
+    return OPTIMIZERS[name](groups, betas=tuple(float(b) for b in cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
 
 
 def open_live(folder: Path) -> Live:
@@ -58,13 +110,12 @@ def train_task(params: dict[str, Any], *, features_dir: Path, out_path: Path, li
     unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume). Task 1's code
     lengths share one `live`: their curves are named `<bits>/...`, each starting at step 0."""
     task = "hash" if bits else "fusion"
+    check_train(params, task)
     seed_everything(int(get(params, "seed")))
     device = resolve_device(str(get(params, "device")))
     train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
     t = get(params, "train")
     resume = get(params, "train.resume")
-    if not isinstance(resume, bool):
-        raise ConfigError(f"train.resume must be true or false, got {resume!r}")
     loss_name = str(get(params, "loss"))
     loss = build_loss(loss_name, get(params, "losses").get(loss_name) or {})
     warn_if_small_batch(loss, int(t["batch_size"]))
