@@ -25,9 +25,6 @@ reference does, for comparison with published numbers only.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,7 +39,7 @@ from cmhash.errors import ConfigError
 from cmhash.evaluation import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import chance_map, cosine_map, mean_average_precision, tie_aware_map
 from cmhash.features import load_features
-from cmhash.io import atomic_path, write_json
+from cmhash.io import atomic_dir, atomic_path, write_json
 from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
 from cmhash.pipeline import ParamsOption
 from cmhash.training.precision import resolve_device
@@ -75,18 +72,11 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def replace_dir(path: Path, files: dict[str, Any]) -> None:
-    """Make `files` (relative path -> JSON object) the whole content of `path`: written to a
-    temporary sibling, then swapped in, so no file of an earlier run (other code lengths) stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    """Make `files` (relative path -> JSON object) the whole content of `path`, so no file of an
+    earlier run (other code lengths) stays."""
+    with atomic_dir(path) as tmp:
         for name, content in files.items():
             write_json(tmp / name, content)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def one_file(tables: dict[str, MapTable], bits: list[int]) -> dict[str, Any]:

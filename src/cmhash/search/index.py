@@ -13,19 +13,15 @@ read back with json and faiss.read_index_binary only: nothing in it can run code
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
 
 from cmhash.errors import DataError
-from cmhash.io import write_json
+from cmhash.io import atomic_dir, write_json
 
 MODALITIES = ("image", "text")
 META_FILE, ITEMS_FILE = "index.json", "items.jsonl"
@@ -67,22 +63,6 @@ def hamming_topk(index: faiss.IndexBinary, queries: np.ndarray, k: int) -> tuple
     return top_dist.astype(np.int32), top_rows.astype(np.int64)
 
 
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty folder next to `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        old = tmp.with_suffix(".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @dataclass
 class CodeIndex:
     meta: dict[str, Any]
@@ -94,7 +74,7 @@ class CodeIndex:
         return int(self.meta["bits"])
 
     def save(self, directory: Path) -> None:
-        with _atomic_dir(Path(directory)) as tmp:
+        with atomic_dir(Path(directory)) as tmp:
             for modality, index in self.codes.items():
                 faiss.write_index_binary(index, str(tmp / f"{modality}.faiss"))
             (tmp / ITEMS_FILE).write_text("".join(json.dumps(item) + "\n" for item in self.items), encoding="utf-8")
