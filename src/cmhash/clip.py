@@ -31,12 +31,10 @@ class Clip:
     meta: dict[str, Any]  # what the features were made with; stored in every feature file
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Digest of a file's bytes: which checkpoint file this is."""
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -92,7 +90,7 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
         log.warning("CLIP '%s' has RANDOM weights (clip.pretrained: none): features and MAP say nothing about real CLIP", model_name)
     elif Path(pretrained).is_file():
         weights = pretrained
-        meta["checkpoint_sha256"] = _file_sha256(Path(pretrained))
+        meta["checkpoint_sha256"] = file_sha256(Path(pretrained))
     elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
         weights = pretrained
     else:

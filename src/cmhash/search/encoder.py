@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmhash.clip import Clip, _file_sha256, weights_sha256
+from cmhash.clip import Clip, file_sha256, weights_sha256
 from cmhash.errors import DataError
 from cmhash.models import CrossModalHasher, encode, load_checkpoint, to_codes
 from cmhash.pipeline.extract import encode_captions, encode_images, load_seeded_clip, no_progress
@@ -47,7 +47,7 @@ def load_hash_model(checkpoint: Path, device: torch.device) -> HashModel:
     model, _ = load_checkpoint(checkpoint, device)
     if not model.config.get("bits"):
         raise DataError(f"{checkpoint} is a fusion (task 0) checkpoint without hash heads; use stages/hash/<bits>/model.pt")
-    return HashModel(model, Path(checkpoint), _file_sha256(Path(checkpoint)))
+    return HashModel(model, Path(checkpoint), file_sha256(Path(checkpoint)))
 
 
 @dataclass
