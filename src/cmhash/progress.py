@@ -17,10 +17,16 @@ from rich.progress import (
 from rich.text import Text
 
 
+def rate_text(speed: float | None, unit: str) -> str:
+    """`1,234 pair/s`, or `12.3 s/epoch` when one item takes more than a second."""
+    if not speed:
+        return ""
+    return f"{speed:,.0f} {unit}/s" if speed >= 1 else f"{1 / speed:,.1f} s/{unit}"
+
+
 class _Rate(ProgressColumn):
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} {task.fields.get('unit', 'it')}/s")
+        return Text(rate_text(task.finished_speed or task.speed, task.fields.get("unit", "it")))
 
 
 @contextmanager
