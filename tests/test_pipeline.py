@@ -160,3 +160,15 @@ def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
     curves = json.loads(Path("metrics/fusion/metrics.json").read_text())
     assert {"train", "val", "lr", "best_val_map", "best_epoch"} <= set(curves)
     assert Path("stages/fusion/model.pt").is_file() and Path("stages/hash/32/model.pt").is_file()
+
+
+@pytest.mark.parametrize(("stage", "task", "other"), [("train_fusion", "fusion", "hash"), ("train_hash", "hash", "fusion")])
+def test_training_stages_list_every_train_key_but_the_other_tasks(stage, task, other):
+    # dvc.yaml lists train.* key by key so that train.<other task> does not re-run this stage;
+    # a key added to params.yaml's `train` must be listed here too, or DVC would skip the stage.
+    train_keys = set(yaml.safe_load((REPO / "params.yaml").read_text())["train"])
+    listed = {str(p) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]}
+    listed_train = {p.removeprefix("train.") for p in listed if p.startswith("train.")}
+    assert "train" not in listed
+    assert listed_train == train_keys - {other}
+    assert task in listed_train
