@@ -234,10 +234,16 @@ def test_unknown_loss_lists_every_valid_name():
 
 
 @pytest.mark.parametrize("name", CONTRASTIVE)
-@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), "0.5", True])
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), "warm", None, True])
 def test_temperature_must_be_positive_number(name, bad):
     with pytest.raises(ConfigError, match=f"losses.{name}.temperature"):
         build_loss(name, {"temperature": bad})
+
+
+@pytest.mark.parametrize("name", CONTRASTIVE)
+def test_temperature_as_pyyaml_reads_5e_1_is_accepted(name):
+    # PyYAML reads 5e-1 (no dot) as the string "5e-1"; like every params.yaml number it counts
+    assert build_loss(name, {"temperature": "5e-1"}).temperature == 0.5
 
 
 @pytest.mark.parametrize("knob", ["cosine_weight", "mse_weight"])

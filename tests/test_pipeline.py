@@ -172,3 +172,13 @@ def test_training_stages_list_every_train_key_but_the_other_tasks(stage, task, o
     assert "train" not in listed
     assert listed_train == train_keys - {other}
     assert task in listed_train
+
+
+@pytest.mark.parametrize("stage", ["train_fusion", "train_hash"])
+def test_resume_fingerprint_covers_the_code_dvc_yaml_lists(stage):
+    # a run resumes only into the same code; "the same" must mean what DVC re-runs the stage for
+    from cmhash.training.resume import TRAINING_CODE
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    code = {d.removeprefix("src/cmhash/") for d in deps if d.startswith("src/cmhash/") and not d.startswith("src/cmhash/pipeline/")}
+    assert code == set(TRAINING_CODE)

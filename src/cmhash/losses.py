@@ -10,26 +10,17 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmhash.config import NON_NEGATIVE, POSITIVE
 from cmhash.errors import ConfigError
 
 log = logging.getLogger("cmhash")
 
 SMALL_BATCH = 16  # below this a contrastive loss sees too few in-batch negatives to train well
-
-
-def _check_number(loss_name: str, knob: str, value: object, *, allow_zero: bool) -> float:
-    """The knob as a float, or a ConfigError naming the params.yaml key and the allowed range."""
-    is_number = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not is_number or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"losses.{loss_name}.{knob} must be a number {bound}, got {value!r}")
-    return float(value)
 
 
 class PairLoss(nn.Module):
@@ -68,7 +59,7 @@ class ContrastiveLoss(PairLoss):
 
     def __init__(self, temperature: float = 0.5) -> None:
         super().__init__()
-        self.temperature = _check_number(self.name, "temperature", temperature, allow_zero=False)
+        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -94,7 +85,7 @@ class BalancedContrastiveLoss(PairLoss):
 
     def __init__(self, temperature: float = 0.5) -> None:
         super().__init__()
-        self.temperature = _check_number(self.name, "temperature", temperature, allow_zero=False)
+        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -117,7 +108,7 @@ class InfoNCELoss(PairLoss):
 
     def __init__(self, temperature: float = 0.07) -> None:
         super().__init__()
-        self.temperature = _check_number(self.name, "temperature", temperature, allow_zero=False)
+        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _symmetric_cross_entropy(_cross_modal_logits(x, y, self.temperature))
@@ -151,10 +142,8 @@ class CosineMSELoss(PairLoss):
 
     def __init__(self, cosine_weight: float = 0.7, mse_weight: float = 0.3) -> None:
         super().__init__()
-        self.cosine_weight = _check_number(
-            self.name, "cosine_weight", cosine_weight, allow_zero=True
-        )
-        self.mse_weight = _check_number(self.name, "mse_weight", mse_weight, allow_zero=True)
+        self.cosine_weight = NON_NEGATIVE.check(f"losses.{self.name}.cosine_weight", cosine_weight)
+        self.mse_weight = NON_NEGATIVE.check(f"losses.{self.name}.mse_weight", mse_weight)
         if self.cosine_weight == self.mse_weight == 0:
             raise ConfigError(
                 f"losses.{self.name}: cosine_weight and mse_weight are both 0, so nothing would be "

@@ -37,7 +37,7 @@ from cmhash.training.engine import Hook, TrainState
 log = logging.getLogger("cmhash")
 
 # The code that shapes what training produces (the training stages' code deps in dvc.yaml).
-TRAINING_CODE = ("training", "models.py", "losses.py", "features.py", "evaluation")
+TRAINING_CODE = ("training", "models.py", "losses.py", "features.py", "evaluation", "config.py")  # = dvc.yaml deps
 MISSING = object()
 
 

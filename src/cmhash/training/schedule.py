@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from cmhash.config import choose
+from cmhash.config import Range, choose
 from cmhash.errors import ConfigError
 
 WHERE = "train.schedule"
@@ -58,24 +58,11 @@ class ScheduleConfig:
         return self.cfg[key]
 
     def integer(self, key: str, minimum: int) -> int:
-        value = self.value(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{WHERE}.{key} must be an integer >= {minimum}, got {value!r}")
-        return value
+        return Range(True, minimum).check(f"{WHERE}.{key}", self.value(key))
 
     def number(self, key: str, low: float, high: float = math.inf, *, open_low: bool = False, why: str = "") -> float:
         """A float in [low, high] (or (low, high] with open_low)."""
-        value = self.value(key)
-        try:
-            # float() also accepts "1e-6", which PyYAML reads as a string (its floats need a dot)
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        above_low = number > low if open_low else number >= low
-        if not (above_low and number <= high):  # NaN fails both
-            bound = ("> " if open_low else ">= ") + f"{low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-            raise ConfigError(f"{WHERE}.{key} must be a number {bound}{why}, got {value!r}")
-        return number
+        return Range(False, low, open_low, high, open_high=False).check(f"{WHERE}.{key}", self.value(key), why)
 
     def milestones(self, first: int, last: int) -> list[int]:
         value = self.value("milestones")

@@ -5,14 +5,13 @@ best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from dvclive import Live
 
-from cmhash.config import choose, get, seed_everything
+from cmhash.config import COUNT, NON_NEGATIVE, POSITIVE, Range, choose, get, seed_everything
 from cmhash.errors import ConfigError
 from cmhash.features import load_features
 from cmhash.losses import build_loss, warn_if_small_batch
@@ -28,31 +27,6 @@ log = logging.getLogger("cmhash")
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
-
-class Range(NamedTuple):
-    """The values a `train` number may take: an integer (or any finite number) from `low`
-    (excluded when `open_low`) up to, not including, `high`."""
-
-    integer: bool
-    low: float
-    open_low: bool = False
-    high: float = math.inf
-
-    def holds(self, value: Any) -> bool:
-        if isinstance(value, bool) or (self.integer and not isinstance(value, int)):
-            return False
-        try:
-            number = float(value)  # also "1e-4", which PyYAML reads as a string (its floats need a dot)
-        except (TypeError, ValueError):
-            return False
-        return math.isfinite(number) and (number > self.low if self.open_low else number >= self.low) and number < self.high
-
-    def __str__(self) -> str:
-        bound = f"{'>' if self.open_low else '>='} {self.low:g}" + ("" if self.high == math.inf else f" and < {self.high:g}")
-        return f"{'an integer' if self.integer else 'a number'} {bound}"
-
-
-COUNT, POSITIVE, NON_NEGATIVE = Range(True, 1), Range(False, 0, open_low=True), Range(False, 0)
 RANGES = {"batch_size": COUNT, "eval_every": COUNT, "select_topk": COUNT, "patience": Range(True, 0),
           "min_delta": NON_NEGATIVE, "clip_grad_norm": NON_NEGATIVE, "optimizer.weight_decay": NON_NEGATIVE}
 TASK_RANGES = {"fusion": {"epochs": COUNT, "lr": POSITIVE},
@@ -71,9 +45,7 @@ def check_train(params: dict[str, Any], task: str) -> None:
         raise ConfigError(f"train.resume must be true or false, got {resume!r}")
     ranges = {**RANGES, **{f"{task}.{key}": r for key, r in TASK_RANGES[task].items()}}
     for key, allowed in ranges.items():
-        value = get(params, f"train.{key}")
-        if not allowed.holds(value):
-            raise ConfigError(f"train.{key} must be {allowed}, got {value!r}")
+        allowed.check(f"train.{key}", get(params, f"train.{key}"))
     betas = get(params, "train.optimizer.betas")
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(BETA.holds(b) for b in betas)):
         raise ConfigError(f"train.optimizer.betas must be a list of two numbers, each {BETA}, got {betas!r}")
