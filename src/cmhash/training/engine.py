@@ -32,12 +32,17 @@ class TrainState:
 Hook = Callable[[TrainState], None]
 
 
+def full_batch_starts(n: int, batch_size: int) -> range:
+    """Where each batch of n items starts, the last short batch left out when there is more than
+    one batch: batch-size-dependent losses (the contrastive ones) then always see the same size."""
+    return range(0, n - n % batch_size if n > batch_size else n, batch_size)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[Tensor]:
-    """Shuffled index batches drawn on the device: the features stay where they are. The last
-    short batch is dropped when there is more than one batch (it is a different one each epoch)."""
+    """Shuffled index batches drawn on the device: the features stay where they are. The short
+    batch left out is a different one each epoch."""
     order = torch.randperm(n, generator=generator).to(device)
-    stop = n - n % batch_size if n > batch_size else n
-    for start in range(0, stop, batch_size):
+    for start in full_batch_starts(n, batch_size):
         yield order[start : start + batch_size]
 
 

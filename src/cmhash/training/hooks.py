@@ -12,14 +12,15 @@ import torch
 from cmhash.evaluation.ranking import cosine_map, mean_average_precision
 from cmhash.features import Features
 from cmhash.models import encode, save_checkpoint, to_codes
-from cmhash.training.engine import TrainState
+from cmhash.training.engine import TrainState, full_batch_starts
 from cmhash.training.monitor import Meter, pair_stats
 
 SELECT = "val/map"  # the number model selection and early stopping watch
 
 
 class Validator:
-    """Every `every` epochs (and at the last): val loss and monitor stats, the train/val loss
+    """Every `every` epochs (and at the last): val loss and monitor stats (over batches sized as
+    in training, so the short last one is left out), the train/val loss
     ratio, and val MAP@k - val pairs as queries against the train pairs as database, strict
     protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set."""
 
@@ -33,7 +34,7 @@ class Validator:
             return
         runner, meter = state.runner, Meter()
         runner.model.eval()
-        for start in range(0, len(self.val), self.batch_size):
+        for start in full_batch_starts(len(self.val), self.batch_size):  # batches sized as in training
             with state.precision.autocast():
                 loss, outputs = runner.step(self.val.image[start : start + self.batch_size], self.val.text[start : start + self.batch_size])
             meter.add(len(outputs[0]), {"loss": loss.item(), **pair_stats(*outputs)})
