@@ -406,7 +406,7 @@ def test_validation_runs_every_eval_every_epochs_and_at_the_last(params, tmp_pat
     assert best["epoch"] in validated and best["val_map"] == pytest.approx(max(val["map"].values()))
 
 
-def test_val_loss_uses_batches_sized_as_in_training():
+def test_val_loss_uses_batches_sized_as_in_training(params):
     # 20 val pairs in batches of 8: the loss is the mean over the two full batches (items 0-15);
     # a short batch of 4 would give a contrastive loss of another scale (log of the batch size)
     from cmhash.training.engine import full_batch_starts
@@ -417,8 +417,7 @@ def test_val_loss_uses_batches_sized_as_in_training():
     data = synthetic(20, seed=3)
     val = Features(*(torch.from_numpy(data[k]) for k in ("image", "text", "label")), meta={})
     torch.manual_seed(0)
-    model = CrossModalHasher({"model": {"arch": "reference", "d_model": None, "nhead": 2, "num_layers": 1, "dim_feedforward": 32,
-                                        "dropout": 0.1, "hash_hidden": 32, "hash_dropout": 0.3}, "feature_dim": D, "bits": None, "loss": "contrastive"})
+    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None, "loss": "contrastive"})
     runner = Runner(model, build_loss("contrastive", {"temperature": 0.5}), "strict")
     state = TrainState(runner, None, None, Precision("fp32", torch.device("cpu")), epoch=1, logs={"train/loss": 1.0})
     Validator(val, val, every=1, epochs=1, batch_size=8, topk=5)(state)
