@@ -1,10 +1,11 @@
-# Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
-# Both create .venv on first use and (re)install the project when pyproject.toml changes.
+# Entry points: `make repro` runs the pipeline, `make test` lints, builds the docs and runs the
+# tests, `make docs` builds the documentation into site/.
+# All create .venv on first use and (re)install the project when pyproject.toml changes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: repro test
+.PHONY: repro test docs
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,5 +17,11 @@ $(INSTALLED): pyproject.toml
 repro: $(INSTALLED)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
+# In order, stopping at the first failure: lint, the docs (--strict: a broken link fails), the tests.
 test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mkdocs build --strict
 	$(PY) -m pytest -q
+
+docs: $(INSTALLED)
+	$(VENV)/bin/mkdocs build --strict

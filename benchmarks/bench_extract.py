@@ -7,7 +7,7 @@ Data: --n JPEGs of --size px (smooth random colour fields with grain, quality 90
 costs what a photo's does) and short random captions, written to a temporary folder.
 Model: the demo CLIP (`cmhash-demo`, random init from --seed), on CPU, fp32 on both sides.
 
-ours      cmhash.pipeline.extract.extract_pairs, exactly what `cmhash extract` runs: images decoded
+ours      cmhash.extraction.extract_pairs, exactly what `cmhash extract` runs: images decoded
           and preprocessed by --workers DataLoader processes, --batch-size pairs per encode_image /
           encode_text call, every shard (--shard-size pairs) saved to a work folder as it finishes.
 baseline  for each pair: PIL open -> preprocess -> encode_image of 1 image, tokenize -> encode_text
@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cmhash.clip import load_seeded_clip
 from cmhash.data.manifest import Item
-from cmhash.pipeline.extract import Encoder, extract_pairs, load_seeded_clip
+from cmhash.encoding import Encoder
+from cmhash.extraction import extract_pairs
 from cmhash.shards import ShardStore
 
 WORDS = "a the red blue small large dog cat beach tree car street sky water person bird house field".split()
@@ -104,7 +106,8 @@ def main() -> int:
     if not same:
         return 1
     print(f"{'':<44}{'time':>8}{'pairs/s':>10}")
-    print(f"{'ours (workers ' + str(args.workers) + ', batch ' + str(args.batch_size) + ', shards)':<44}{t_ours:>7.1f}s{args.n / t_ours:>10.1f}")
+    ours_name = f"ours (workers {args.workers}, batch {args.batch_size}, shards)"
+    print(f"{ours_name:<44}{t_ours:>7.1f}s{args.n / t_ours:>10.1f}")
     print(f"{'one pair at a time':<44}{t_base:>7.1f}s{args.n / t_base:>10.1f}")
     print(f"speed-up: {t_base / t_ours:.1f}x")
     return 0

@@ -30,8 +30,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from timing import best_time  # noqa: E402
 from cmhash.evaluation import chance_map, mean_average_precision, pr_curve, precision_at_n, tie_aware_map  # noqa: E402
+from timing import best_time  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,14 @@ def bench_scale(scale: Scale, loop_queries: int, repeats: int, seed: int) -> boo
     print(f"   {'metric':16s} {'loop s':>9s} {'ours s':>9s} {'speed-up':>9s} {'peak MiB':>9s} {'max |diff|':>11s}  values (all queries)")
     ok = True
     for name, topk in TOPK_CASES.items():
-        loop_s, loop_values = best_time(lambda: loop_map(*subset, topk), repeats)
+        loop_s, loop_values = best_time(lambda topk=topk: loop_map(*subset, topk), repeats)
         loop_s *= extrapolate
-        ours_s, ours_values = best_time(lambda: mean_average_precision(*data, topk=topk), repeats)
+        ours_s, ours_values = best_time(lambda topk=topk: mean_average_precision(*data, topk=topk), repeats)
         diff = max(abs(mean_average_precision(*subset, topk=topk)[k] - loop_values[k]) for k in topk)
         ok &= diff <= 1e-9
         values = ", ".join(f"@{'all' if k is None else k}={v:.6f}" for k, v in ours_values.items())
         print(f"   {name:16s} {loop_s:9.2f} {ours_s:9.2f} {loop_s / ours_s:8.1f}x "
-              f"{peak_mib(lambda: mean_average_precision(*data, topk=topk)):9.1f} {diff:11.1e}  {values}")
+              f"{peak_mib(lambda topk=topk: mean_average_precision(*data, topk=topk)):9.1f} {diff:11.1e}  {values}")
     others = {
         "tie-aware@50+all": lambda: tie_aware_map(*data, topk=(50, None)),
         "chance@50+all": lambda: chance_map(data[2], data[3], topk=(50, None)),

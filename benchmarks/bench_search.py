@@ -32,8 +32,8 @@ from collections.abc import Callable  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import best_time  # noqa: E402
 from cmhash.search.index import binary_index, hamming_topk  # noqa: E402
+from timing import best_time  # noqa: E402
 
 BITS = 64
 

@@ -34,18 +34,20 @@ import io
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from cmhash.choices.archs import Transformer
+from cmhash.config import Schedule
 from cmhash.features import Features
 from cmhash.losses import build_loss
-from cmhash.models import CrossModalHasher
+from cmhash.models import CrossModalHasher, ModelConfig
+from cmhash.precision import Precision
 from cmhash.training.engine import TrainState, batches, fit
 from cmhash.training.monitor import pair_stats
-from cmhash.training.precision import Precision
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
 
@@ -61,16 +63,15 @@ class Scale:
 SCALES = {"demo": Scale("demo", 1500, 256, 5), "mirflickr": Scale("MIRFlickr-sized", 5000, 512, 5)}
 QUICK = Scale("quick", 512, 64, 3)
 WARMUP_BATCHES = 3
-MODEL = {"arch": "reference", "d_model": None, "nhead": 4, "num_layers": 2, "dim_feedforward": 2048,
-         "dropout": 0.1, "attention_dropout": 0.1, "hash_hidden": 4096, "hash_dropout": 0.3}
+KNOBS = Transformer()  # model.reference's defaults: d_model 2 x dim, 4 heads, 2 layers, feed-forward 2048, dropout 0.1
 
 
 def new_state(dim: int, device: torch.device, epochs: int) -> TrainState:
     torch.manual_seed(0)
-    model = CrossModalHasher({"model": MODEL, "feature_dim": dim, "bits": None}).to(device)
+    model = CrossModalHasher(ModelConfig(arch="reference", knobs=KNOBS.model_dump(), feature_dim=dim)).to(device)
     optimizer = torch.optim.Adam([{"name": "fusion", "params": model.parameters(), "lr": 1e-4}], betas=(0.5, 0.999))
     return TrainState(Runner(model, build_loss("contrastive", {"temperature": 0.5}), "both"), optimizer,
-                      build_scheduler(optimizer, {"name": "constant", "warmup_epochs": 0}, epochs), Precision("fp32", device))
+                      build_scheduler(optimizer, Schedule(name="constant"), epochs), Precision("fp32", device))
 
 
 def count_steps(state: TrainState) -> list[int]:
@@ -131,7 +132,7 @@ def bench_scale(scale: Scale, batch_size: int, epochs: int, repeats: int | None,
     for _ in range(repeats):  # alternate, so a busy spell on a shared machine hits both sides
         for name in order:
             loop, state = sides[name]
-            times[name].append(timed(lambda: loop(state, data, batch_size, epochs)))
+            times[name].append(timed(lambda loop=loop, state=state: loop(state, data, batch_size, epochs)))
         order.reverse()
     expected = WARMUP_BATCHES + repeats * steps
     if any(counter[0] != expected for counter in counters.values()):

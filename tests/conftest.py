@@ -1,12 +1,17 @@
-"""Shared fixtures: a tiny but complete params.yaml (tiny open_clip config, a few dozen pairs)."""
+"""Shared fixtures: a tiny but complete params.yaml (tiny open_clip config, a few dozen pairs), and
+the `cmhash` command run through Typer's CliRunner."""
 
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import Result
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +25,9 @@ def params() -> dict:
     p["data"]["name"] = "demo"
     p["data"]["demo"].update(n_items=72, image_size=32, query=12, train=36, val=12)
     p["clip"].update(model="cmhash-tiny", pretrained="none", batch_size=32, num_workers=0)
-    p["model"].update(d_model=None, nhead=2, num_layers=1, dim_feedforward=64, hash_hidden=64)
+    for arch in ("reference", "cross_attention"):
+        p["model"][arch].update(d_model=None, nhead=2, num_layers=1, dim_feedforward=64)
+    p["hash_head"]["hidden"] = 64
     p["train"].update(batch_size=16, eval_every=1)
     p["train"]["fusion"]["epochs"] = 2
     p["train"]["hash"]["epochs"] = 2
@@ -34,3 +41,43 @@ def params_file(tmp_path: Path, params: dict, monkeypatch) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+# ------------------------------------------------------------------ the CLI, for tests that run commands
+
+
+@pytest.fixture
+def invoke() -> Callable[..., Result]:
+    """Run `cmhash <args>` through Typer's CliRunner (arguments turned into strings)."""
+    from cmhash.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture
+def one_line_error() -> Callable[[Result], str]:
+    """The command failed with exit code 1 and exactly one `error: ...` line, no traceback: that line."""
+    return _one_line_error
+
+
+@pytest.fixture
+def prepare_and_extract(invoke) -> Callable[[Path], None]:
+    """Run `cmhash prepare` and `cmhash extract` with a params file (random-init CLIP, as the tests' params)."""
+
+    def run(params_file: Path) -> None:
+        for stage in ("prepare", "extract"):
+            result = invoke(stage, "--params", params_file)
+            assert result.exit_code == 0, result.output
+        assert json.loads((params_file.parent / "metrics/extract.json").read_text())["random_init"] is True
+
+    return run

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cmhash.config import parse_params
 from cmhash.errors import ConfigError
 from cmhash.evaluation import pr_curve, precision_at_n
-from cmhash.pipeline.evaluate import curve_rows, positive_ints, replace_dir
-
+from cmhash.pipeline.evaluate import curve_rows, replace_dir
 from test_ranking import HAND_DB, HAND_DB_LABELS, HAND_QUERY, HAND_QUERY_LABELS, random_case, ref_distances, ref_relevance
 
 
@@ -123,7 +123,15 @@ def test_evaluate_replaces_a_whole_directory(tmp_path):
     assert list(tmp_path.iterdir()) == [target]  # no temporary directory left
 
 
-@pytest.mark.parametrize("value", [[], [0, 5], [5.5], "10", [True]])
-def test_evaluate_rejects_bad_precision_at(value):
-    with pytest.raises(ConfigError, match="evaluate.precision_at"):
-        positive_ints({"evaluate": {"precision_at": value}}, "evaluate.precision_at")
+@pytest.mark.parametrize(("value", "fragment"), [
+    ([], "evaluate.precision_at = []"),
+    ([0, 5], "evaluate.precision_at[0] = 0"),
+    ([5.5], "evaluate.precision_at[0] = 5.5"),
+    ("10", "evaluate.precision_at = '10'"),
+    ([True], "evaluate.precision_at[0] = True"),
+])
+def test_evaluate_rejects_bad_precision_at(value, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"evaluate": {"precision_at": value}})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert parse_params({"evaluate": {"precision_at": [1, 1000]}}).evaluate.precision_at == [1, 1000]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from cmhash.choices.datasets import DATASETS, Splits
+from cmhash.config import parse_params
+from cmhash.data.datasets import build_collection, detect_layouts
+from cmhash.data.manifest import Collection
+from cmhash.errors import ConfigError, DataError
 from fixtures_datasets import (
     COCO_IMAGES,
     MIRFLICKR_CONCEPTS,
@@ -18,13 +23,18 @@ from fixtures_datasets import (
     write_jpeg,
 )
 
-from cmhash.data.datasets import DATASETS, dataset_options, detect_layouts, get_importer
-from cmhash.data.manifest import Collection
-from cmhash.errors import ConfigError, DataError
-
 
 def build(name: str, root: Path, opts: dict | None = None, seed: int = 0) -> Collection:
-    return get_importer(name)(root, opts or {}, root / "out", seed)
+    """The importer `name` with `opts` as its data.<name> section (the rest defaulted)."""
+    return build_collection(name, root, DATASETS.entry(name).knobs.model_validate(opts or {}), root / "out", seed)
+
+
+def option_error(name: str, opts: dict) -> str:
+    """The one-line error params.yaml gets for `data.<name>: opts`."""
+    with pytest.raises(ConfigError) as err:
+        parse_params({"data": {"name": name, name: opts}})
+    assert "\n" not in str(err.value)
+    return str(err.value)
 
 
 def by_id(collection: Collection) -> dict:
@@ -42,19 +52,22 @@ def skipped(collection: Collection) -> dict[str, str]:
 # --- registry -------------------------------------------------------------------------------
 
 
-def test_registry_names_and_unknown_name():
-    assert sorted(DATASETS) == ["coco", "demo", "manifest", "mirflickr", "nuswide"]
+def test_registry_names_and_unknown_name(tmp_path):
+    assert DATASETS.names() == ["coco", "demo", "manifest", "mirflickr", "nuswide"]
     with pytest.raises(ConfigError) as exc:
-        get_importer("flickr30k")
+        build_collection("flickr30k", tmp_path, Splits(query=1, train=1, val=1), tmp_path / "out", 0)
     assert str(exc.value) == "unknown dataset 'flickr30k'; choose one of: coco, demo, manifest, mirflickr, nuswide"
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"data": {"name": "flickr30k"}})
+    assert str(exc.value).endswith(
+        "data.name = 'flickr30k': unknown dataset 'flickr30k'; choose one of: coco, demo, manifest, mirflickr, nuswide")
 
 
-@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("name", DATASETS.names())
 def test_every_registered_importer_resolves(name):
-    entry = DATASETS[name]
-    if name == "demo" and importlib.util.find_spec(entry.module) is None:
-        pytest.skip("demo.py not written yet")
+    entry = DATASETS.entry(name)
     assert callable(entry.load())
+    assert issubclass(entry.knobs, Splits)  # every dataset has the split sizes
 
 
 @pytest.mark.parametrize(
@@ -62,14 +75,14 @@ def test_every_registered_importer_resolves(name):
     [("mirflickr", (2000, 5000, 1000)), ("nuswide", (2100, 10500, 1000)), ("coco", (5000, 10000, 1000))],
 )
 def test_split_size_defaults_follow_the_field(name, sizes):
-    opts = dataset_options(name, {})
-    assert (opts["query"], opts["train"], opts["val"]) == sizes
-    assert dataset_options(name, {"query": 7})["query"] == 7
+    opts = DATASETS.entry(name).knobs()
+    assert (opts.query, opts.train, opts.val) == sizes
+    assert DATASETS.entry(name).knobs(query=7).query == 7
+    assert parse_params({"data": {"name": name}}).data.options.query == sizes[0]
 
 
-def test_unknown_option_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) qurey in data.mirflickr; valid options: .*query"):
-        build("mirflickr", tmp_path, {"qurey": 10})
+def test_unknown_option_is_a_config_error():
+    assert option_error("mirflickr", {"qurey": 10}).endswith("unknown key data.mirflickr.qurey; did you mean data.mirflickr.query?")
 
 
 # --- MIRFlickr-25K --------------------------------------------------------------------------
@@ -161,8 +174,9 @@ def test_nuswide_top_concepts_option(tmp_path):
     c = build("nuswide", tmp_path, {"top_concepts": 3})  # sky 6, clouds 5, then person beats water by name
     assert c.label_names == ["clouds", "person", "sky"]
     assert label_sets(c)["dog/0001_1005"] == {"sky", "clouds"}
-    with pytest.raises(ConfigError, match="top_concepts must be an integer from 1 to 12"):
+    with pytest.raises(ConfigError, match=r"^data.nuswide.top_concepts is 13, but Groundtruth/AllLabels has only 12 concepts$"):
         build("nuswide", tmp_path, {"top_concepts": 13})
+    assert "data.nuswide.top_concepts = 0" in option_error("nuswide", {"top_concepts": 0})
 
 
 def test_nuswide_missing_files_and_misaligned_lists(tmp_path):
@@ -199,8 +213,7 @@ def test_coco_random_caption_is_seeded(tmp_path):
     assert set(texts.values()) <= {"first", "second", "third"}
     assert len(set(texts.values())) > 1  # 12 seeds all picking the same of 3: chance 3 / 3**12
     assert by_id(build("coco", tmp_path, {"caption": "random"}, seed=5))["73"].caption == texts[5]
-    with pytest.raises(ConfigError, match=r"data.coco.caption must be one of: first, random \(got 'longest'\)"):
-        build("coco", tmp_path, {"caption": "longest"})
+    assert "data.coco.caption = 'longest': input should be 'first' or 'random'" in option_error("coco", {"caption": "longest"})
 
 
 def test_coco_missing_and_corrupt_annotation_files(tmp_path):
@@ -278,9 +291,9 @@ def test_manifest_bad_files(tmp_path):
         build("manifest", tmp_path, {"path": "pairs.csv"})
     with pytest.raises(ConfigError, match=r"must end in one of \.csv, \.jsonl"):
         build("manifest", tmp_path, {"path": "pairs.txt"})
-    with pytest.raises(ConfigError, match="label_names must be null or a list of distinct strings"):
-        build("manifest", tmp_path, {"path": "pairs.csv", "label_names": "dog"})
-
+    assert "data.manifest.label_names = 'dog'" in option_error("manifest", {"path": "pairs.csv", "label_names": "dog"})
+    assert "data.manifest.label_names = ['dog', 'cat', 'dog']: must be null or a list of distinct strings" in option_error(
+        "manifest", {"label_names": ["dog", "cat", "dog"]})
 
 
 # --- prepare: splits, the bad-item policy, one-line errors -----------------------------------
@@ -297,12 +310,17 @@ def _manifest_collection(root: Path, n: int, bad: dict[int, str] | None = None) 
     write(root / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _prepare(params, root: Path, out: Path, **sizes):
+def _run_prepare(params: dict, out: Path):
     from cmhash.pipeline import prepare
 
+    p = parse_params(params)
+    return prepare.run(p.seed, p.data, out)
+
+
+def _prepare(params, root: Path, out: Path, **sizes):
     params["data"].update(name="manifest", root=str(root))
     params["data"]["manifest"] = {"path": "pairs.jsonl", **sizes}
-    return prepare.run(params, out)
+    return _run_prepare(params, out)
 
 
 def test_prepare_splits_follow_params_are_seeded_and_identical_across_runs(params, tmp_path):
@@ -326,10 +344,9 @@ def test_prepare_bad_item_policy_skip_reports_and_fail_stops(params, tmp_path, c
     make_mirflickr(tmp_path / "mf")
     params["data"].update(name="mirflickr", root=str(tmp_path / "mf"), on_bad_item="skip")
     params["data"]["mirflickr"].update(query=1, train=1, val=1)
-    from cmhash.pipeline import prepare
 
     with caplog.at_level("WARNING", logger="cmhash"):
-        prepare.run(params, tmp_path / "out")
+        _run_prepare(params, tmp_path / "out")
     report = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert {r["id"]: r["reason"] for r in report} == {
         "3": "empty caption", "4": "no label", "5": "image file missing", "7": "tags file missing"}  # fmt: skip
@@ -337,7 +354,7 @@ def test_prepare_bad_item_policy_skip_reports_and_fail_stops(params, tmp_path, c
 
     params["data"]["on_bad_item"] = "fail"
     with pytest.raises(DataError, match=r"^3 bad item\(s\), first: 3: empty caption \(or set data.on_bad_item: skip\)$"):
-        prepare.run(params, tmp_path / "failed")
+        _run_prepare(params, tmp_path / "failed")
     assert not (tmp_path / "failed" / "query.jsonl").exists()
 
 
@@ -356,9 +373,8 @@ def test_pairs_without_a_label_are_not_bad_items(params, tmp_path):
     ("name", "expected"),
     [("mirflickr", "mirflickr"), ("nuswide", "ImageList/Imagelist.txt"), ("coco", "annotations/captions_train2014.json")],
 )
-def test_missing_layout_is_one_line_naming_the_expected_path(params, params_file, tmp_path, name, expected):
+def test_missing_layout_is_one_line_naming_the_expected_path(params, params_file, tmp_path, invoke, one_line_error, name, expected):
     import yaml
-    from test_cli import invoke, one_line_error
 
     params["data"].update(name=name, root=str(tmp_path / "nowhere"))
     params_file.write_text(yaml.safe_dump(params))

@@ -13,9 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
+from cmhash.choices.datasets import Demo
 from cmhash.clip import CONFIG_DIR
+from cmhash.config import parse_params
 from cmhash.data.datasets.demo import (
-    DEFAULTS, LABELS, OBJECT_COLOURS, SHAPES, USUAL_COLOUR, Scene, Shape, build_demo, describe, render, sample_scene,
+    LABELS,
+    OBJECT_COLOURS,
+    SHAPES,
+    USUAL_COLOUR,
+    Scene,
+    Shape,
+    build_demo,
+    describe,
+    render,
+    sample_scene,
 )  # fmt: skip
 from cmhash.data.manifest import multi_hot
 from cmhash.errors import ConfigError
@@ -24,7 +35,7 @@ SMALL = {"n_items": 40, "image_size": 32}
 
 
 def build(tmp_path: Path, name: str, seed: int = 7, **opts):
-    return build_demo(Path("unused"), {**SMALL, **opts}, tmp_path / name, seed)
+    return build_demo(Path("unused"), Demo(**{**SMALL, **opts}), tmp_path / name, seed)
 
 
 def names_of(kind: str) -> list[str]:
@@ -124,13 +135,14 @@ def test_each_shape_is_drawn_inside_its_radius(kind):
 def test_default_options_keep_chance_map_low(tmp_path):
     """Chance MAP@all = mean fraction of the database relevant to a query (shares >= 1 label).
     With 12 labels and 1 or 2 objects drawn uniformly, it is, by counting label sets:"""
-    opts = {**DEFAULTS, "n_items": 600}
-    labels = multi_hot(build_demo(Path("unused"), opts, tmp_path / "d", 2023).items, len(LABELS)).astype(np.int64)
+    defaults = Demo()  # params.yaml's data.demo, but for n_items
+    assert (defaults.max_objects, defaults.usual_colour_rate) == (2, 0.7)
+    labels = multi_hot(build_demo(Path("unused"), Demo(n_items=600), tmp_path / "d", 2023).items, len(LABELS)).astype(np.int64)
     relevant = labels @ labels.T > 0
     np.fill_diagonal(relevant, False)
     chance = relevant.sum(axis=1).mean() / (len(labels) - 1)
 
-    c, counts = len(LABELS), range(1, DEFAULTS["max_objects"] + 1)
+    c, counts = len(LABELS), range(1, defaults.max_objects + 1)
     expected = np.mean([1 - comb(c - a, b) / comb(c, b) for a in counts for b in counts])
     assert expected == pytest.approx(0.1837, abs=1e-3)
     assert chance == pytest.approx(expected, abs=0.03)
@@ -140,15 +152,18 @@ def test_default_options_keep_chance_map_low(tmp_path):
 @pytest.mark.parametrize(
     "opts, fragment",
     [
-        ({"n_items": 0}, "n_items"),
-        ({"max_objects": 5}, "max_objects"),
-        ({"usual_colour_rate": 1.5}, "usual_colour_rate"),
-        ({"shapes": 3}, "unknown option"),
+        ({"n_items": 0}, "data.demo.n_items = 0: input should be greater than or equal to 1"),
+        ({"image_size": 8}, "data.demo.image_size = 8: input should be greater than or equal to 16"),
+        ({"max_objects": 5}, "data.demo.max_objects = 5: input should be less than or equal to 4"),
+        ({"max_objects": 0}, "data.demo.max_objects = 0: input should be greater than or equal to 1"),
+        ({"usual_colour_rate": 1.5}, "data.demo.usual_colour_rate = 1.5: input should be less than or equal to 1"),
+        ({"shapes": 3}, "unknown key data.demo.shapes"),
     ],
 )
-def test_bad_options_are_config_errors(tmp_path, opts, fragment):
-    with pytest.raises(ConfigError, match=fragment):
-        build_demo(Path("unused"), opts, tmp_path, 0)
+def test_bad_options_are_config_errors(opts, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"data": {"name": "demo", "demo": opts}})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["cmhash-tiny", "cmhash-demo"])
@@ -186,7 +201,7 @@ def test_random_init_demo_features_carry_the_labels(tmp_path):
     """Untrained features must already rank same-label items first, or the fusion model has
     nothing to align. Measured on 3,000 items over 11 init seeds: MAP@50 image 0.47-0.51,
     text 0.54-0.66, chance 0.18; this small run guards the design, not the exact numbers."""
-    items = build_demo(Path("unused"), {**DEFAULTS, "n_items": 300}, tmp_path / "d", 2023).items
+    items = build_demo(Path("unused"), Demo(n_items=300), tmp_path / "d", 2023).items
     labels = multi_hot(items, len(LABELS)).astype(np.int64)
     open_clip.add_model_config(CONFIG_DIR)
     torch.manual_seed(2023)

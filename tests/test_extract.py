@@ -17,15 +17,15 @@ import torch
 import yaml
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
-from test_cli import invoke, one_line_error
 
-from cmhash.clip import load_clip
-from cmhash.config import seed_everything
+from cmhash.clip import load_clip, load_seeded_clip
+from cmhash.config import parse_params
 from cmhash.data.manifest import SPLITS, read_split, write_split
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import load_pickle
 from cmhash.pipeline import extract, prepare
-from cmhash.pipeline.extract import resolve_precision
+from cmhash.precision import inference_precision
+from cmhash.seeding import seed_everything
 
 # N demo pairs, SHARD per shard (4 shards: 3 x 12 + 4), BATCH per batch (2 batches per full shard)
 N, SHARD, BATCH = 40, 12, 6
@@ -39,7 +39,8 @@ class Killed(RuntimeError):
 def setup(params, tmp_path):
     params["data"]["demo"].update(n_items=N, query=8, train=20, val=8)
     params["clip"].update(shard_size=SHARD, batch_size=BATCH)
-    prepare.run(params, tmp_path / "prepare")
+    p = parse_params(params)
+    prepare.run(p.seed, p.data, tmp_path / "prepare")
     return params, tmp_path
 
 
@@ -47,10 +48,9 @@ def run_extract(params, tmp_path, monkeypatch, out="extract", kill_after_batches
     """Run the stage into tmp_path/<out>; returns the size of every image batch CLIP encoded.
     With kill_after_batches=k the k+1-th batch raises `Killed`, as a crash would."""
     encoded: list[int] = []
-    real_load_clip = load_clip
 
     def counting_load_clip(*args, **kwargs):
-        clip = real_load_clip(*args, **kwargs)
+        clip = load_seeded_clip(*args, **kwargs)
         encode_image = clip.model.encode_image
 
         def counted(images):
@@ -62,8 +62,9 @@ def run_extract(params, tmp_path, monkeypatch, out="extract", kill_after_batches
         clip.model.encode_image = counted
         return clip
 
-    monkeypatch.setattr(extract, "load_clip", counting_load_clip)
-    extract.run(params, tmp_path / "prepare", tmp_path / out, tmp_path / f"{out}.json")
+    monkeypatch.setattr(extract, "load_seeded_clip", counting_load_clip)
+    p = parse_params(params)
+    extract.run(p.seed, p.device, p.data.on_bad_item, p.clip, tmp_path / "prepare", tmp_path / out, tmp_path / f"{out}.json")
     return encoded
 
 
@@ -214,20 +215,20 @@ def test_fail_policy_stops_on_a_bad_image_with_one_line(setup, monkeypatch):
 
 
 def test_precision_auto_and_explicit():
-    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")).name == "bf16"
+    assert inference_precision("auto", torch.device("cpu")).name == "fp32"
+    assert inference_precision("bf16", torch.device("cpu")).name == "bf16"
     with pytest.raises(ConfigError, match="clip.precision: .*fp16 needs a CUDA device"):
-        resolve_precision("fp16", torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"unknown clip.precision 'half'; choose one of: auto, bf16, fp16, fp32"):
-        resolve_precision("half", torch.device("cpu"))
+        inference_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"clip.precision = 'half': input should be 'auto', 'fp32', 'bf16' or 'fp16'$"):
+        parse_params({"clip": {"precision": "half"}})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_precision_auto_is_fp16_on_cuda():
-    assert resolve_precision("auto", torch.device("cuda")).name == "fp16"
+    assert inference_precision("auto", torch.device("cuda")).name == "fp16"
 
 
-def test_fp16_on_cpu_is_one_line_from_the_cli(params, params_file):
+def test_fp16_on_cpu_is_one_line_from_the_cli(params, params_file, invoke, one_line_error):
     assert invoke("prepare", "--params", params_file).exit_code == 0
     params["clip"]["precision"] = "fp16"
     params_file.write_text(yaml.safe_dump(params))
@@ -242,7 +243,7 @@ def _jpeg(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (40, 30), colour).save(path, format="JPEG")
 
 
-def test_corrupt_jpeg_and_empty_caption_are_skipped_and_reported(params, params_file, tmp_path):
+def test_corrupt_jpeg_and_empty_caption_are_skipped_and_reported(params, params_file, tmp_path, invoke):
     root = tmp_path / "collection"
     rows = []
     for n in range(12):
@@ -279,7 +280,8 @@ def test_corrupt_jpeg_and_empty_caption_are_skipped_and_reported(params, params_
     result = invoke("extract", "--params", params_file)
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = result.output.strip().splitlines()[-1]  # after the random-weights warning
-    assert line.startswith("error: bad image p5: unreadable image") and line.endswith("(or set data.on_bad_item: skip to leave such pairs out)")
+    assert line.startswith("error: bad image p5: unreadable image")
+    assert line.endswith("(or set data.on_bad_item: skip to leave such pairs out)")
 
 
 # --- CLIP weights: tag, local file, none ------------------------------------------------------
@@ -291,12 +293,13 @@ def test_corrupt_jpeg_and_empty_caption_are_skipped_and_reported(params, params_
         # what open_clip 3.3 raises when the Hugging Face download fails (seen offline)
         RuntimeError("Failed to download weights for tag 'openai': Failed to download file (open_clip_pytorch_model.bin) "
                      "for timm/vit_base_patch32_clip_224.openai. Last error: An error happened while trying to locate the file"),
-        LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot find the requested files in the local cache."),
+        LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot find the requested files "
+                                "in the local cache."),
         OSError("[Errno -2] Name or service not known"),
     ],
     ids=["open_clip", "huggingface_hub", "network"],
 )
-def test_a_tag_that_cannot_be_downloaded_is_one_line(params, params_file, monkeypatch, capfd, error):
+def test_a_tag_that_cannot_be_downloaded_is_one_line(params, params_file, monkeypatch, capfd, invoke, one_line_error, error):
     assert invoke("prepare", "--params", params_file).exit_code == 0
 
     def failed_download(*args, **kwargs):
@@ -331,7 +334,8 @@ def test_a_local_checkpoint_file_gives_the_same_features_as_its_weights(setup, m
 
 
 @pytest.mark.parametrize("content", ["code", "garbage"])
-def test_a_checkpoint_that_is_not_plain_weights_is_refused_without_running_it(params, params_file, tmp_path, content):
+def test_a_checkpoint_that_is_not_plain_weights_is_refused_without_running_it(params, params_file, tmp_path, invoke, one_line_error,
+                                                                               content):
     assert invoke("prepare", "--params", params_file).exit_code == 0
     marker = tmp_path / "code-ran"
     checkpoint = tmp_path / "weights.pt"

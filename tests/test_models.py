@@ -4,17 +4,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cmhash.choices.archs import HashHead
 from cmhash.errors import ConfigError, DataError
-from cmhash.models import CrossModalHasher, encode, load_checkpoint, save_checkpoint, to_codes
+from cmhash.models import CrossModalHasher, ModelConfig, encode, load_checkpoint, save_checkpoint, to_codes
 
 D = 16
+KNOBS = {
+    "reference": {"d_model": None, "nhead": 2, "num_layers": 2, "dim_feedforward": 64, "dropout": 0.1},
+    "cross_attention": {"d_model": None, "nhead": 2, "num_layers": 2, "dim_feedforward": 64, "dropout": 0.1, "attention_dropout": 0.1},
+}
 
 
-def make_model(bits=32, arch="reference"):
+def make_model(bits=32, arch="reference", **knobs):
     torch.manual_seed(0)
-    cfg = {"model": {"arch": arch, "d_model": None, "nhead": 2, "num_layers": 2, "dim_feedforward": 64,
-                     "dropout": 0.1, "attention_dropout": 0.1, "hash_hidden": 64, "hash_dropout": 0.3}, "feature_dim": D, "bits": bits}
-    return CrossModalHasher(cfg)
+    head = HashHead(hidden=64, dropout=0.3) if bits else None
+    return CrossModalHasher(ModelConfig(arch=arch, knobs={**KNOBS[arch], **knobs}, feature_dim=D, bits=bits, hash_head=head))
 
 
 def features(n, seed=1):
@@ -70,9 +74,27 @@ def test_cross_attention_masks_an_absent_modality_item_by_item():
 
 
 def test_cross_attention_rejects_a_width_the_heads_do_not_divide():
-    with pytest.raises(ConfigError, match="divisible by model.nhead"):
-        CrossModalHasher({"model": {**make_model().config["model"], "arch": "cross_attention", "d_model": 20, "nhead": 4},
-                          "feature_dim": D, "bits": None})
+    with pytest.raises(ConfigError, match=r"model\.cross_attention\b.*d_model\W+20 .*divisible by nhead\W+4"):
+        make_model(bits=None, arch="cross_attention", d_model=20, nhead=4)  # width 10: 4 heads do not divide it
+    make_model(bits=None, arch="cross_attention", d_model=20, nhead=5)
+
+
+def test_reference_rejects_a_width_the_heads_do_not_divide():
+    with pytest.raises(ConfigError, match=r"model\.reference\b.*d_model\W+20 .*divisible by nhead\W+3"):
+        make_model(bits=None, d_model=20, nhead=3)
+    assert make_model(bits=None, d_model=20, nhead=4).fusion.embed_dim == 10
+
+
+def test_a_hash_model_needs_its_hash_head_settings():
+    with pytest.raises(ConfigError, match="hash_head"):
+        CrossModalHasher(ModelConfig(arch="reference", knobs=KNOBS["reference"], feature_dim=D, bits=16))
+
+
+def test_arch_knobs_are_checked_against_the_arch():
+    with pytest.raises(ValueError, match="attention_dropout"):  # a cross_attention knob given to reference
+        make_model(bits=None, attention_dropout=0.1)
+    with pytest.raises(ConfigError, match="unknown fusion architecture 'mlp'"):
+        CrossModalHasher(ModelConfig(arch="mlp", knobs={}, feature_dim=D))
 
 
 def test_every_item_is_encoded():
@@ -104,6 +126,8 @@ def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
     save_checkpoint(tmp_path / "m.pt", model, epoch=3)
     back, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert ckpt["epoch"] == 3 and back.config == model.config
+    assert type(ckpt["config"]) is dict and ckpt["config"] == model.config.model_dump()  # plain data: weights_only loads it
+    assert ckpt["config"]["hash_head"] == {"hidden": 64, "dropout": 0.3}
     for a, b in zip(encode(model, *features(4), "strict"), encode(back, *features(4), "strict")):
         assert torch.equal(a, b)
 
@@ -119,3 +143,15 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot load checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_checkpoint_of_another_layout_is_one_line_naming_it(tmp_path):
+    model = make_model(bits=16)
+    old_config = {"model": {"arch": "reference", "hash_hidden": 64}, "feature_dim": D, "bits": 16}  # the layout before model.<arch>
+    torch.save({"config": old_config, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(DataError, match="old.pt does not match this version's models") as err:
+        load_checkpoint(tmp_path / "old.pt")
+    assert "\n" not in str(err.value)
+    torch.save({"weights": model.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a cmhash model checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")

@@ -8,32 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
-
-from cmhash.cli import app
-from cmhash.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_MODULES = {"prepare": "prepare", "extract": "extract", "train_fusion": "train_fusion", "train_hash": "train_hash", "evaluate": "evaluate"}
-
-
-class Recorder(dict):
-    """A params dict that records every dotted key read from it."""
-
-    def __init__(self, data: dict, reads: set[str], prefix: str = "") -> None:
-        super().__init__({k: Recorder(v, reads, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in data.items()})
-        self._reads, self._prefix = reads, prefix
-
-    def __getitem__(self, key):
-        self._reads.add(self._prefix + key)
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
 
 
 def ap(ranked_relevance: np.ndarray) -> float:
-    """Straightforward AP of one ranking (DESIGN.md §6); 0 when nothing relevant is retrieved."""
+    """Straightforward AP of one ranking (docs/evaluation.md); 0 when nothing relevant is retrieved."""
     hits = np.cumsum(ranked_relevance)
     ranks = np.flatnonzero(ranked_relevance) + 1
     return float(np.mean(hits[ranks - 1] / ranks)) if len(ranks) else 0.0
@@ -75,30 +55,20 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
-    reads: dict[str, set[str]] = {}
-    for stage, module in STAGE_MODULES.items():  # record which params each stage reads
-        reads[stage] = set()
-        monkeypatch.setattr(f"cmhash.pipeline.{module}.load_params", lambda p, r=reads[stage]: Recorder(load_params(p), r))
+def test_whole_pipeline_end_to_end(params, params_file, invoke):
+    # (that dvc.yaml lists every param a stage reads is tests/test_stage_params.py's)
     for command in ("prepare", "extract", "train-fusion", "train-hash", "evaluate"):
-        result = CliRunner().invoke(app, [command, "--params", str(params_file)])
+        result = invoke(command, "--params", params_file)
         assert result.exit_code == 0, f"{command}: {result.output}"
     # evaluate ends with the paper table, one per protocol: rows bits, real-valued, chance
     assert "MAP, strict protocol" in result.output and "MAP, paired protocol" in result.output
     assert "real-valued" in result.output and "chance" in result.output and "random-init" in result.output
 
-    # every param a stage reads is listed under its params: in dvc.yaml (or DVC would skip it)
-    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage, keys in reads.items():
-        listed = [str(p) for p in dvc_stages[stage]["params"]]
-        for key in keys:
-            covered = any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in listed)
-            assert covered, f"stage {stage} reads `{key}` but dvc.yaml does not list it"
-
     info = json.loads(Path("metrics/evaluate.json").read_text())
     assert info["features"]["random_init"] is True and "random-init" in info["note"]
     assert info["items"] == {"query": 12, "retrieval": 60}
-    tables = {p.relative_to("metrics/map").with_suffix("").as_posix(): json.loads(p.read_text()) for p in Path("metrics/map").rglob("*.json")}
+    tables = {p.relative_to("metrics/map").with_suffix("").as_posix(): json.loads(p.read_text())
+              for p in Path("metrics/map").rglob("*.json")}
     assert set(tables) == {"016", "032", "tie_aware/016", "tie_aware/032", "real_valued", "chance"}
     for table in tables.values():  # the same columns in every row of `dvc metrics show metrics/map`
         assert {(p, d, m) for p in table for d in table[p] for m in table[p][d]} == {
@@ -106,13 +76,15 @@ def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
 
     # the saved codes reproduce the reported numbers with an independent implementation
     labels = np.load("stages/evaluate/labels.npz")
-    pr_files = {name: json.loads(Path(f"metrics/curves/pr/{name}.json").read_text()) for name in ("strict-i2t", "strict-t2i", "paired-i2t", "paired-t2i")}
+    pr_files = {name: json.loads(Path(f"metrics/curves/pr/{name}.json").read_text())
+                for name in ("strict-i2t", "strict-t2i", "paired-i2t", "paired-t2i")}
     pn_files = {name: json.loads(Path(f"metrics/curves/precision_at_n/{name}.json").read_text()) for name in pr_files}
     for protocol in ("strict", "paired"):
         for bits in (16, 32):
             codes = np.load(f"stages/evaluate/{protocol}/{bits}.npz")
             assert int(codes["bits"]) == bits
-            q_img, q_txt, db_img, db_txt = (unpack(codes[n], bits) for n in ("query_image", "query_text", "retrieval_image", "retrieval_text"))
+            q_img, q_txt, db_img, db_txt = (unpack(codes[n], bits)
+                                            for n in ("query_image", "query_text", "retrieval_image", "retrieval_text"))
             assert len(q_img) == 12 and len(db_txt) == 60  # every query and database item scored
             for direction, (q, db) in {"i2t": (q_img, db_txt), "t2i": (q_txt, db_img)}.items():
                 reported = tables[f"{bits:03d}"][protocol][direction]
@@ -125,10 +97,12 @@ def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
                 assert [r["recall"] for r in pr] == pytest.approx(expected_r)
                 pn = [r for r in pn_files[f"{protocol}-{direction}"] if r["bits"] == bits]
                 assert [r["n"] for r in pn] == [1, 5, 10, 20, 50, 60]  # params' 100..1000 capped at the database
-                assert [r["precision"] for r in pn] == pytest.approx(precision_at_by_loop(q, db, labels["query"], labels["retrieval"], [1, 5, 10, 20, 50, 60]))
+                expected_pn = precision_at_by_loop(q, db, labels["query"], labels["retrieval"], [1, 5, 10, 20, 50, 60])
+                assert [r["precision"] for r in pn] == pytest.approx(expected_pn)
 
     # every curve plot in dvc.yaml reads files evaluate wrote, with the fields the plot names
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc_stages = dvc_yaml["stages"]
     curve_plots = {target: spec for entry in dvc_yaml["plots"] for target, spec in entry.items() if target.startswith("metrics/curves")}
     assert set(curve_plots) == {"metrics/curves/pr", "metrics/curves/precision_at_n"}
     for target, spec in curve_plots.items():
@@ -139,7 +113,8 @@ def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
         for f in files:
             rows = json.loads(f.read_text())
             assert {r["bits"] for r in rows} == {16, 32} and all({"bits", spec["x"], spec["y"]} <= set(r) for r in rows)
-    evaluate_outs = {next(iter(o)) if isinstance(o, dict) else o for o in dvc_stages["evaluate"]["outs"] + dvc_stages["evaluate"]["metrics"]}
+    evaluate_outs = {next(iter(o)) if isinstance(o, dict) else o
+                     for o in dvc_stages["evaluate"]["outs"] + dvc_stages["evaluate"]["metrics"]}
     assert {"metrics/map.json", "metrics/map", "metrics/curves", "metrics/evaluate.json"} <= evaluate_outs
 
     # metrics/map.json holds the same tables in one file, code lengths unpadded
@@ -160,25 +135,3 @@ def test_whole_pipeline_end_to_end(params, params_file, monkeypatch):
     curves = json.loads(Path("metrics/fusion/metrics.json").read_text())
     assert {"train", "val", "lr", "best_val_map", "best_epoch"} <= set(curves)
     assert Path("stages/fusion/model.pt").is_file() and Path("stages/hash/32/model.pt").is_file()
-
-
-@pytest.mark.parametrize(("stage", "task", "other"), [("train_fusion", "fusion", "hash"), ("train_hash", "hash", "fusion")])
-def test_training_stages_list_every_train_key_but_the_other_tasks(stage, task, other):
-    # dvc.yaml lists train.* key by key so that train.<other task> does not re-run this stage;
-    # a key added to params.yaml's `train` must be listed here too, or DVC would skip the stage.
-    train_keys = set(yaml.safe_load((REPO / "params.yaml").read_text())["train"])
-    listed = {str(p) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]}
-    listed_train = {p.removeprefix("train.") for p in listed if p.startswith("train.")}
-    assert "train" not in listed
-    assert listed_train == train_keys - {other}
-    assert task in listed_train
-
-
-@pytest.mark.parametrize("stage", ["train_fusion", "train_hash"])
-def test_resume_fingerprint_covers_the_code_dvc_yaml_lists(stage):
-    # a run resumes only into the same code; "the same" must mean what DVC re-runs the stage for
-    from cmhash.training.resume import TRAINING_CODE
-
-    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
-    code = {d.removeprefix("src/cmhash/") for d in deps if d.startswith("src/cmhash/") and not d.startswith("src/cmhash/pipeline/")}
-    assert code == set(TRAINING_CODE)

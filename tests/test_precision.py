@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from cmhash.config import parse_params
+from cmhash.device import resolve_device
 from cmhash.errors import ConfigError
-from cmhash.training.precision import DTYPES, Precision, resolve_device
+from cmhash.precision import DTYPES, Precision
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -112,10 +114,52 @@ def test_fp16_on_cpu_is_refused() -> None:
         Precision("fp16", CPU)
 
 
-def test_unknown_precision_lists_valid_ones() -> None:
+@pytest.mark.parametrize(("section", "allowed"), [("train", list(DTYPES)), ("clip", ["auto", *DTYPES])])
+def test_unknown_precision_lists_valid_ones(section: str, allowed: list[str]) -> None:
+    # refused when params.yaml is read, naming the key and every valid name
     with pytest.raises(ConfigError) as err:
-        Precision("fp8", CPU)
-    assert "fp8" in str(err.value) and all(name in str(err.value) for name in DTYPES)
+        parse_params({section: {"precision": "fp8"}})
+    message = str(err.value)
+    assert f"{section}.precision = 'fp8'" in message and "\n" not in message
+    assert all(f"'{name}'" in message for name in allowed)
+
+
+def scaling(init_scale: float = 2.0**16) -> Precision:
+    """A Precision whose loss scaler is on, on the CPU (fp16 itself needs CUDA; the scaler does not)."""
+    precision = Precision("fp32", CPU)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return precision
+
+
+def test_an_overflowing_step_is_skipped_and_halves_the_scale() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precision, before = scaling(), flat(model)
+    norm = precision.backward_step(loss_of(model) * float("inf"), optimizer, model.parameters(), 1.0)
+    assert not torch.isfinite(norm)
+    assert torch.equal(flat(model), before)  # skipped
+    assert precision.scaler.get_scale() == 2.0**15
+
+
+def test_scaler_state_is_saved_and_loaded_back() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = scaling()
+    trained.backward_step(loss_of(model) * float("inf"), optimizer, model.parameters(), 0.0)  # overflow: scale halved
+    trained.backward_step(loss_of(model), optimizer, model.parameters(), 0.0)  # a good step: growth tracker 1
+    assert trained.scaler.get_scale() == 2.0**15 != scaling().scaler.get_scale()
+    resumed = scaling()
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.scaler.get_scale() == 2.0**15
+    assert resumed.state_dict() == trained.state_dict() != scaling().state_dict()
+
+
+def test_empty_scaler_state_keeps_the_fresh_scaler() -> None:
+    # resumed in fp16 from a checkpoint written in fp32: its scaler state is {}
+    assert Precision("fp32", CPU).state_dict() == {}
+    resumed = scaling(init_scale=1024.0)
+    resumed.load_state_dict({})
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == 1024.0
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch) -> None:
@@ -166,9 +210,13 @@ def test_fp16_on_cuda_scales_steps_and_resumes_its_scaler() -> None:
     assert torch.isfinite(loss) and torch.isfinite(norm)
     assert not torch.equal(before, flat(model))
 
+    # An overflowing step halves the scale: a state a fresh scaler does not have, so a resumed one must take it over.
+    precision.backward_step(loss_of(model, cuda) * float("inf"), optimizer, model.parameters(), 1.0)
+    assert precision.scaler.get_scale() != Precision("fp16", cuda).scaler.get_scale()
     resumed = Precision("fp16", cuda)
     resumed.load_state_dict(precision.state_dict())
     assert resumed.scaler.get_scale() == precision.scaler.get_scale()
+    assert resumed.state_dict() == precision.state_dict()
     fresh = Precision("fp16", cuda)
     fresh.load_state_dict(Precision("fp32", cuda).state_dict())  # resumed from an fp32 checkpoint
     assert fresh.scaler.is_enabled()

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from cmhash.choices.schedules import SCHEDULES
+from cmhash.config import Schedule, parse_params
 from cmhash.errors import ConfigError
-from cmhash.training.schedule import SCHEDULES, build_scheduler
+from cmhash.training.schedule import build_scheduler
 
 BASES = (1e-4, 1e-3)  # fusion-like and hash-head-like param groups
 WARMUP_LR = 1e-6
@@ -20,11 +22,18 @@ def optimizer() -> torch.optim.Optimizer:
     return torch.optim.SGD(groups)
 
 
+def section(cfg: dict, epochs: int) -> Schedule:
+    """`cfg` as the train.schedule section params.yaml would give, checked against `epochs` and BASES."""
+    schedule = Schedule.model_validate(cfg)
+    schedule.check_against(epochs, list(BASES))
+    return schedule
+
+
 def lr_curve(cfg: dict, epochs: int) -> list[tuple[float, ...]]:
     """The lr of each group during epochs 0..epochs-1, plus the value left after the last step,
     stepping once per epoch as the training loop does."""
     opt = optimizer()
-    scheduler = build_scheduler(opt, cfg, epochs)
+    scheduler = build_scheduler(opt, section(cfg, epochs), epochs)
     curve = []
     for _ in range(epochs):
         curve.append(tuple(group["lr"] for group in opt.param_groups))
@@ -54,30 +63,31 @@ def expected(name: str, cfg: dict, epochs: int, base: float, epoch: int) -> floa
     if epoch < w:
         return warmup(base, epoch, w)
     t = epoch - w
+    knobs = cfg.get(name, {})
     if name == "cosine":
         return cosine(base, t, epochs - w)
     if name == "cosine_restarts":
-        return cosine(base, *restart_position(t, cfg["restart_period"], cfg["restart_mult"]))
+        return cosine(base, *restart_position(t, knobs["first_period"], knobs["period_mult"]))
     if name == "step":
-        return base * cfg["gamma"] ** (t // cfg["step_size"])
+        return base * knobs["gamma"] ** (t // knobs["step_size"])
     if name == "multistep":
-        return base * cfg["gamma"] ** sum(m <= epoch for m in cfg["milestones"])
+        return base * knobs["gamma"] ** sum(m <= epoch for m in knobs["milestones"])
     return base  # constant
 
 
-CASES = {  # name -> (cfg, epochs)
-    "cosine": ({"name": "cosine", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "eta_min": ETA_MIN}, 12),
-    "cosine_restarts": ({"name": "cosine_restarts", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "eta_min": ETA_MIN,
-                         "restart_period": 3, "restart_mult": 2}, 16),
-    "step": ({"name": "step", "warmup_epochs": 3, "warmup_lr": WARMUP_LR, "step_size": 4, "gamma": 0.5}, 15),
-    "multistep": ({"name": "multistep", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "milestones": [5, 8],
-                   "gamma": 0.1}, 10),
-    "constant": ({"name": "constant", "warmup_epochs": 4, "warmup_lr": WARMUP_LR}, 7),
+CASES = {  # name -> (train.schedule section, epochs)
+    "cosine": ({"name": "cosine", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "cosine": {"eta_min": ETA_MIN}}, 12),
+    "cosine_restarts": ({"name": "cosine_restarts", "warmup_epochs": 2, "warmup_lr": WARMUP_LR,
+                         "cosine_restarts": {"eta_min": ETA_MIN, "first_period": 3, "period_mult": 2}}, 16),
+    "step": ({"name": "step", "warmup_epochs": 3, "warmup_lr": WARMUP_LR, "step": {"step_size": 4, "gamma": 0.5}}, 15),
+    "multistep": ({"name": "multistep", "warmup_epochs": 2, "warmup_lr": WARMUP_LR,
+                   "multistep": {"milestones": [5, 8], "gamma": 0.1}}, 10),
+    "constant": ({"name": "constant", "warmup_epochs": 4, "warmup_lr": WARMUP_LR, "constant": {}}, 7),
 }
 
 
 def test_every_schedule_has_a_case() -> None:
-    assert set(CASES) == set(SCHEDULES)
+    assert set(CASES) == set(SCHEDULES.names())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -108,7 +118,7 @@ def test_cosine_midpoint_and_end() -> None:
 
 
 def test_cosine_without_warmup_starts_at_base() -> None:
-    cfg = {"name": "cosine", "warmup_epochs": 0, "eta_min": 0.0}
+    cfg = {"name": "cosine", "warmup_epochs": 0, "cosine": {"eta_min": 0.0}}
     curve = lr_curve(cfg, 4)
     assert curve[0] == pytest.approx(BASES)
     assert curve[2] == pytest.approx([b / 2 for b in BASES], rel=1e-9)
@@ -145,12 +155,12 @@ def test_resumed_schedule_continues_the_same_curve() -> None:
     cfg, epochs = CASES["cosine_restarts"]
     full = lr_curve(cfg, epochs)
     first_opt = optimizer()
-    first = build_scheduler(first_opt, cfg, epochs)
+    first = build_scheduler(first_opt, section(cfg, epochs), epochs)
     for _ in range(4):  # stop inside the first cycle, after warm-up
         first_opt.step()
         first.step()
     resumed_opt = optimizer()
-    resumed = build_scheduler(resumed_opt, cfg, epochs)
+    resumed = build_scheduler(resumed_opt, section(cfg, epochs), epochs)
     resumed_opt.load_state_dict(first_opt.state_dict())
     resumed.load_state_dict(first.state_dict())
     for epoch in range(4, epochs):
@@ -159,51 +169,86 @@ def test_resumed_schedule_continues_the_same_curve() -> None:
         resumed.step()
 
 
+def test_only_the_chosen_schedules_knobs_are_read() -> None:
+    # the other schedules' sections (all of them are in params.yaml) change nothing
+    cfg, epochs = CASES["cosine"]
+    others = {"step": {"step_size": 1, "gamma": 0.01}, "multistep": {"milestones": [3], "gamma": 0.5},
+              "cosine_restarts": {"eta_min": 0.0, "first_period": 1, "period_mult": 3}}
+    assert lr_curve({**cfg, **others}, epochs) == lr_curve(cfg, epochs)
+
+
+def test_missing_knobs_take_their_defaults() -> None:
+    schedule = Schedule(name="cosine", warmup_epochs=2)
+    assert schedule.knobs.eta_min == 1e-6 and schedule.warmup_lr == 1e-6
+    assert lr_curve({"name": "cosine", "warmup_epochs": 2}, 12) == lr_curve(CASES["cosine"][0], 12)
+
+
 def test_yaml_style_string_numbers_are_accepted() -> None:
     # PyYAML reads `1e-6` (no dot) as a string
-    cfg = {"name": "cosine", "warmup_epochs": 2, "warmup_lr": "1e-6", "eta_min": "1e-6"}
+    cfg = {"name": "cosine", "warmup_epochs": 2, "warmup_lr": "1e-6", "cosine": {"eta_min": "1e-6"}}
     assert lr_curve(cfg, 12) == lr_curve(CASES["cosine"][0], 12)
 
 
-def test_unknown_name_lists_valid_ones() -> None:
+def schedule_error(schedule, epochs: int) -> str:
+    """The one-line error for params.yaml's train.schedule = `schedule`, with both tasks training `epochs`
+    epochs at the lrs of BASES (task 0: the fusion lr; task 1: fusion_lr and the heads' lr)."""
+    train = {"schedule": schedule, "fusion": {"epochs": epochs, "lr": BASES[0]},
+             "hash": {"epochs": epochs, "lr": BASES[1], "fusion_lr": BASES[0]}}
     with pytest.raises(ConfigError) as err:
-        build_scheduler(optimizer(), {"name": "cosin", "warmup_epochs": 0}, 5)
+        parse_params({"train": train})
     message = str(err.value)
-    assert "\n" not in message and "cosin" in message
-    assert all(name in message for name in SCHEDULES)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_name_lists_valid_ones() -> None:
+    message = schedule_error({"name": "cosin", "warmup_epochs": 0}, 5)
+    assert "train.schedule.name = 'cosin'" in message
+    assert message.endswith("unknown schedule 'cosin'; choose one of: " + ", ".join(SCHEDULES.names()))
+
+
+def test_schedule_must_fit_the_epochs_of_each_task() -> None:
+    cfg = {**CASES["cosine"][0], "warmup_epochs": 5}
+    parse_params({"train": {"schedule": cfg, "fusion": {"epochs": 6}, "hash": {"epochs": 6}}})
+    with pytest.raises(ConfigError, match=r"schedule does not fit train\.hash: warmup_epochs \(5\)"):
+        parse_params({"train": {"schedule": cfg, "fusion": {"epochs": 6}, "hash": {"epochs": 5}}})
+    with pytest.raises(ValueError, match="warmup_epochs"):  # the check itself, as build-time code may call it
+        Schedule.model_validate(cfg).check_against(5, [1e-3])
 
 
 COSINE = CASES["cosine"][0]
 STEP = CASES["step"][0]
+RESTARTS = CASES["cosine_restarts"][0]
+MULTISTEP = CASES["multistep"][0]
 
 
 @pytest.mark.parametrize(("cfg", "epochs", "fragment"), [
-    (COSINE, 0, "epochs"),
-    (COSINE, -3, "epochs"),
-    ({**COSINE, "warmup_epochs": -1}, 10, "warmup_epochs"),
-    ({**COSINE, "warmup_epochs": 10}, 10, "warmup_epochs"),
-    ({**COSINE, "warmup_epochs": 1.5}, 10, "warmup_epochs"),
-    ({**COSINE, "warmup_lr": -1e-6}, 10, "warmup_lr"),
-    ({**COSINE, "warmup_lr": 5e-4}, 10, "warmup_lr"),  # above the first group's lr
-    ({**COSINE, "eta_min": -1e-6}, 10, "eta_min"),
-    ({**COSINE, "eta_min": 2e-4}, 10, "eta_min"),  # above the first group's lr
-    ({**COSINE, "eta_min": "small"}, 10, "eta_min"),
-    ({**COSINE, "eta_min": None}, 10, "eta_min"),
-    ({**COSINE, "warmup_epoch": 1}, 10, "warmup_epoch"),  # typo: unknown key
-    ({"name": "cosine", "warmup_epochs": 0}, 10, "eta_min"),  # missing key
-    ({**STEP, "gamma": 0}, 20, "gamma"),
-    ({**STEP, "gamma": -0.5}, 20, "gamma"),
-    ({**STEP, "gamma": 2.0}, 20, "gamma"),
-    ({**STEP, "step_size": 0}, 20, "step_size"),
-    ({**CASES["cosine_restarts"][0], "restart_period": 0}, 20, "restart_period"),
-    ({**CASES["cosine_restarts"][0], "restart_mult": 0}, 20, "restart_mult"),
-    ({**CASES["multistep"][0], "milestones": []}, 10, "milestones"),
-    ({**CASES["multistep"][0], "milestones": [8, 5]}, 10, "milestones"),
-    ({**CASES["multistep"][0], "milestones": [2, 5]}, 10, "milestones"),  # inside the warm-up
-    ({**CASES["multistep"][0], "milestones": [5, 10]}, 10, "milestones"),  # never reached
-    ("cosine", 10, "mapping"),
+    (COSINE, 0, "train.fusion.epochs = 0"),
+    (COSINE, -3, "train.fusion.epochs = -3"),
+    ({**COSINE, "warmup_epochs": -1}, 10, "train.schedule.warmup_epochs = -1"),
+    ({**COSINE, "warmup_epochs": 10}, 10, "warmup_epochs (10) must be smaller than the training epochs (10)"),
+    ({**COSINE, "warmup_epochs": 1.5}, 10, "train.schedule.warmup_epochs = 1.5"),
+    ({**COSINE, "warmup_lr": -1e-6}, 10, "train.schedule.warmup_lr = -1e-06"),
+    # above the first group's lr
+    ({**COSINE, "warmup_lr": 5e-4}, 10, "warmup_lr (0.0005) must be at most the smallest param-group lr (0.0001)"),
+    ({**COSINE, "cosine": {"eta_min": -1e-6}}, 10, "train.schedule.cosine.eta_min = -1e-06"),
+    ({**COSINE, "cosine": {"eta_min": 2e-4}}, 10, "cosine.eta_min (0.0002) must be at most"),  # above the first group's lr
+    ({**COSINE, "cosine": {"eta_min": "small"}}, 10, "train.schedule.cosine.eta_min = 'small'"),
+    ({**COSINE, "cosine": {"eta_min": None}}, 10, "train.schedule.cosine.eta_min = None"),
+    ({**COSINE, "warmup_epoch": 1}, 10, "unknown key train.schedule.warmup_epoch; did you mean train.schedule.warmup_epochs?"),
+    ({**COSINE, "eta_min": 1e-6}, 10, "unknown key train.schedule.eta_min; it is now train.schedule.<name>.eta_min"),  # old layout
+    ({**STEP, "step": {"gamma": 0}}, 20, "train.schedule.step.gamma = 0"),
+    ({**STEP, "step": {"gamma": -0.5}}, 20, "train.schedule.step.gamma = -0.5"),
+    ({**STEP, "step": {"gamma": 2.0}}, 20, "train.schedule.step.gamma = 2.0"),
+    ({**STEP, "step": {"step_size": 0}}, 20, "train.schedule.step.step_size = 0"),
+    ({**RESTARTS, "cosine_restarts": {"first_period": 0}}, 20, "train.schedule.cosine_restarts.first_period = 0"),
+    ({**RESTARTS, "cosine_restarts": {"period_mult": 0}}, 20, "train.schedule.cosine_restarts.period_mult = 0"),
+    ({**RESTARTS, "restart_period": 3}, 20, "it is now train.schedule.cosine_restarts.first_period"),  # old layout
+    ({**MULTISTEP, "multistep": {"milestones": []}}, 10, "train.schedule.multistep.milestones = []"),
+    ({**MULTISTEP, "multistep": {"milestones": [8, 5]}}, 10, "train.schedule.multistep.milestones = [8, 5]"),
+    ({**MULTISTEP, "multistep": {"milestones": [2, 5]}}, 10, "milestones [2, 5] must lie after the warm-up (2)"),  # inside the warm-up
+    ({**MULTISTEP, "multistep": {"milestones": [5, 10]}}, 10, "before the last epoch (10)"),  # never reached
+    ("cosine", 10, "train.schedule = 'cosine': input should be a valid dictionary"),
 ])
 def test_bad_values_raise_one_line_config_error(cfg, epochs: int, fragment: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        build_scheduler(optimizer(), cfg, epochs)
-    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert fragment in schedule_error(cfg, epochs)

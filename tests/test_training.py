@@ -15,19 +15,20 @@ import numpy as np
 import pytest
 import torch
 
+from cmhash.config import TrainConfig, parse_params
 from cmhash.errors import ConfigError
 from cmhash.features import Features
 from cmhash.io import save_pickle
 from cmhash.losses import build_loss
-from cmhash.models import CrossModalHasher, save_checkpoint
+from cmhash.models import CrossModalHasher, ModelConfig, save_checkpoint
+from cmhash.precision import Precision
 from cmhash.training import task as task_module
 from cmhash.training.engine import TrainState, fit
 from cmhash.training.hooks import Checkpointer, EarlyStopping
-from cmhash.training.precision import Precision
 from cmhash.training.resume import RunFolder
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
-from cmhash.training.task import build_optimizer, open_live, train_task
+from cmhash.training.task import TaskSettings, open_live, train_task
 
 D, CLASSES = 16, 4
 
@@ -50,19 +51,28 @@ def features_dir(tmp_path: Path) -> Path:
     return folder
 
 
+def model_config(params: dict, bits: int | None = None) -> ModelConfig:
+    """The model the test params describe, on D-dim features (as train_task builds it)."""
+    p = parse_params(params)
+    return ModelConfig(arch=p.model.arch, knobs=p.model.knobs.model_dump(), feature_dim=D, bits=bits,
+                       hash_head=p.hash_head if bits else None, loss=p.loss)
+
+
 @pytest.fixture
 def fusion_ckpt(tmp_path: Path, params: dict) -> Path:
     """A task-0 checkpoint with the test params' model config (random weights)."""
     torch.manual_seed(7)
-    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None, "loss": params["loss"]})
+    model = CrossModalHasher(model_config(params))
     save_checkpoint(tmp_path / "fusion.pt", model, epoch=1, val_map=0.5)
     return tmp_path / "fusion.pt"
 
 
 def train(params: dict, root: Path, features_dir: Path, *, bits: int | None = None, init_from: Path | None = None,
           checkpoint_dir: Path | None = None) -> float:
+    """Task 0 (bits None) or task 1 with `params` read as the stage reads params.yaml."""
+    settings = TaskSettings.of(parse_params(params), "hash" if bits else "fusion")
     with open_live(root / "metrics") as live:
-        return train_task(params, features_dir=features_dir, out_path=root / "out" / "model.pt", live=live,
+        return train_task(settings, features_dir=features_dir, out_path=root / "out" / "model.pt", live=live,
                           checkpoint_dir=checkpoint_dir or root / "checkpoints", bits=bits, init_from=init_from)
 
 
@@ -115,10 +125,10 @@ class ScriptedValidator:
 
 def tiny_state(params: dict) -> tuple[TrainState, Features]:
     torch.manual_seed(0)
-    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None})
+    model = CrossModalHasher(model_config(params))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = TrainState(Runner(model, build_loss("cosine"), "strict"), optimizer,
-                       build_scheduler(optimizer, params["train"]["schedule"], 20), Precision("fp32", torch.device("cpu")))
+                       build_scheduler(optimizer, parse_params(params).train.schedule, 20), Precision("fp32", torch.device("cpu")))
     data = synthetic(32, seed=1)
     return state, Features(*(torch.from_numpy(data[k]).float() for k in ("image", "text", "label")), meta={})
 
@@ -162,7 +172,7 @@ def test_same_seed_gives_identical_weights_and_curves(params, tmp_path, features
     assert not torch.equal(*(outputs(tmp_path / r)[0]["state_dict"]["fusion.encoder.layers.0.linear1.weight"] for r in "ac"))
 
 
-@pytest.mark.parametrize(("arch", "bits"), [("reference", None), ("cross_attention", 16)])
+@pytest.mark.parametrize(("arch", "bits"), [("reference", None), pytest.param("cross_attention", 16, marks=pytest.mark.slow)])
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(params, tmp_path, features_dir, monkeypatch, arch, bits):
     params["model"]["arch"] = arch
     params["train"]["hash" if bits else "fusion"]["epochs"] = 4
@@ -170,7 +180,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(params, tmp_path, 
     init = None
     if bits:
         torch.manual_seed(7)
-        upstream = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None})
+        upstream = CrossModalHasher(model_config(params))
         save_checkpoint(init := tmp_path / "fusion.pt", upstream)
     train(params, tmp_path / "whole", features_dir, bits=bits, init_from=init)
 
@@ -301,9 +311,7 @@ def set_train(params: dict, dotted: str, value) -> None:
     ("optimizer.betas", [0.9]), ("optimizer.betas", [0.9, 1.0]), ("optimizer.betas", [-0.1, 0.999]),
     ("optimizer.betas", 0.9), ("optimizer.betas", ["a", 0.999]), ("optimizer.weight_decay", -0.01),
     ("clip_grad_norm", -1.0), ("patience", -1), ("patience", 2.5), ("min_delta", -0.1), ("hash.hash_weight", -0.5),
-    ("select_topk", 0), ("resume", "yes"),
-    ("eval_every", MISSING), ("hash.fusion_lr", MISSING), ("optimizer.betas", MISSING), ("fusion.epochs", MISSING),
-    ("precision", MISSING), ("hash.hash_weight", MISSING),
+    ("select_topk", 0), ("resume", "yes"), ("precision", "fp8"), ("inputs", "image"), ("optimizer.name", "sgd"),
 ])
 def test_a_bad_train_setting_stops_before_training_in_one_line_naming_it(params, tmp_path, features_dir, fusion_ckpt,
                                                                          monkeypatch, key, value):
@@ -314,7 +322,16 @@ def test_a_bad_train_setting_stops_before_training_in_one_line_naming_it(params,
         train(params, tmp_path, features_dir, bits=bits, init_from=fusion_ckpt if bits else None)
     message = str(err.value)
     assert f"train.{key}" in message and "\n" not in message
-    assert ("params.yaml has no" in message) == (value is MISSING)
+
+
+@pytest.mark.parametrize("key", ["eval_every", "hash.fusion_lr", "optimizer.betas", "fusion.epochs", "precision", "hash.hash_weight"])
+def test_a_train_setting_left_out_takes_its_default(params, key):
+    set_train(params, key, MISSING)
+    train = parse_params(params).train
+    defaults = TrainConfig()
+    for part in key.split("."):
+        train, defaults = getattr(train, part), getattr(defaults, part)
+    assert train == defaults
 
 
 def test_valid_edge_values_are_accepted(params, tmp_path, features_dir):
@@ -359,9 +376,8 @@ def test_task_0_has_one_param_group_named_fusion_with_its_lr(params, tmp_path, f
 
 
 def test_an_unknown_optimizer_is_refused_listing_the_valid_names():
-    groups = [{"name": "fusion", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
-    with pytest.raises(ConfigError, match=r"^unknown train.optimizer.name 'sgd'; choose one of: adam, adamw$"):
-        build_optimizer({"name": "sgd", "betas": [0.9, 0.999], "weight_decay": 0.0}, groups)
+    with pytest.raises(ConfigError, match=r"train.optimizer.name = 'sgd': unknown optimizer 'sgd'; choose one of: adam, adamw$"):
+        parse_params({"train": {"optimizer": {"name": "sgd"}}})
 
 
 def logged(root: Path, name: str) -> dict[int, float]:
@@ -374,7 +390,9 @@ def logged(root: Path, name: str) -> dict[int, float]:
 def test_the_logged_lr_follows_warm_up_then_cosine(params, tmp_path, features_dir):
     epochs, warmup, base, start, floor = 5, 2, 1e-4, 1e-6, 1e-6
     params["train"]["fusion"].update(epochs=epochs, lr=base)
-    params["train"]["schedule"].update(name="cosine", warmup_epochs=warmup, warmup_lr=start, eta_min=floor)
+    params["train"]["hash"]["epochs"] = epochs  # the schedule must fit both tasks' epochs
+    params["train"]["schedule"].update(name="cosine", warmup_epochs=warmup, warmup_lr=start)
+    params["train"]["schedule"]["cosine"]["eta_min"] = floor
     train(params, tmp_path, features_dir)
     expected = {}
     for epoch in range(epochs):  # 0-based: the lr the epoch trains with
@@ -417,7 +435,7 @@ def test_val_loss_uses_batches_sized_as_in_training(params):
     data = synthetic(20, seed=3)
     val = Features(*(torch.from_numpy(data[k]) for k in ("image", "text", "label")), meta={})
     torch.manual_seed(0)
-    model = CrossModalHasher({"model": dict(params["model"]), "feature_dim": D, "bits": None, "loss": "contrastive"})
+    model = CrossModalHasher(model_config(params))
     runner = Runner(model, build_loss("contrastive", {"temperature": 0.5}), "strict")
     state = TrainState(runner, None, None, Precision("fp32", torch.device("cpu")), epoch=1, logs={"train/loss": 1.0})
     Validator(val, val, every=1, epochs=1, batch_size=8, topk=5)(state)

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
 
-from cmhash.errors import CmhashError
+from cmhash.choices.archs import ARCHS
+from cmhash.choices.datasets import DATASETS
+from cmhash.choices.losses import LOSSES
+from cmhash.choices.optimizers import OPTIMIZERS
+from cmhash.choices.schedules import SCHEDULES
+from cmhash.errors import CmhashError, ConfigError
 from cmhash.pipeline import evaluate, extract, prepare, train_fusion, train_hash
 from cmhash.search import commands as search
+from cmhash.serve.command import serve
 
 app = typer.Typer(
     help="Unsupervised cross-modal hashing (UCMFH on CLIP features). Each command is one stage of "
@@ -44,9 +53,25 @@ STAGES = {
     "train-hash": train_hash.command,
     "evaluate": evaluate.command,
 }
-TOOLS = {"index": search.index, "search": search.search}  # use trained codes; not dvc.yaml stages
+TOOLS = {"index": search.index, "search": search.search, "serve": serve}  # use trained codes; not dvc.yaml stages
 for name, command in {**STAGES, **TOOLS}.items():
     app.command(name)(_one_line_errors(command))
+
+REGISTRIES = {"losses": LOSSES, "archs": ARCHS, "schedules": SCHEDULES, "datasets": DATASETS, "optimizers": OPTIMIZERS}
+
+
+@app.command("list")
+@_one_line_errors
+def list_names(kind: Annotated[str, typer.Argument(help=f"one of: {', '.join(REGISTRIES)}.")]) -> None:
+    """The names a params.yaml choice accepts (loss, model.arch, train.schedule.name, data.name,
+    train.optimizer.name), each with its knobs and their defaults."""
+    if kind not in REGISTRIES:
+        raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(REGISTRIES)}")
+    table = Table(box=None, show_header=False)
+    for entry in REGISTRIES[kind].entries():
+        knobs = entry.knobs().model_dump()
+        table.add_row(entry.name, Text(", ".join(f"{k}={v}" for k, v in knobs.items()) or "-"), Text(entry.summary))
+    Console().print(table)
 
 
 @app.callback()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import open_clip
 import torch
 
 from cmhash.errors import ConfigError
+from cmhash.seeding import seed_everything
 
 log = logging.getLogger("cmhash")
 
@@ -116,3 +118,13 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
     meta["preprocess"] = repr(preprocess)
     dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     return Clip(model, preprocess, open_clip.get_tokenizer(model_name), dim, meta)
+
+
+def load_seeded_clip(model_name: str, pretrained: str, seed: int, device: torch.device) -> Clip:
+    """The CLIP encoder as extract builds it. Random-init weights (pretrained: none) are drawn right
+    after seeding, so `cmhash index` and `cmhash search` get the same encoder from the same seed."""
+    seed_everything(seed)
+    clip = load_clip(model_name, pretrained, device)
+    if clip.meta["random_init"]:
+        clip.meta["seed"] = seed
+    return clip

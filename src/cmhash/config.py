@@ -1,89 +1,264 @@
-"""params.yaml: one dict of every knob. Stages read it here; the CLI may override paths only."""
+"""params.yaml as typed, frozen sections, parsed and checked once, when a command starts.
+
+Every knob's type, allowed values and default live here or, for a registered choice (a loss, a
+fusion architecture, an lr schedule, a dataset), with the entry in cmhash.choices: the `losses`,
+`model`, `train.schedule` and `data` sections get one sub-section per registered name. Nothing
+here imports torch, so a mistake is reported at once.
+A mistake anywhere in the file is one ConfigError line naming the key (with the closest valid
+key for a misspelling), the value and what is allowed.
+"""
 
 from __future__ import annotations
 
-import math
-import random
+import difflib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-import numpy as np
-import torch
 import yaml
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, model_validator
 
+from cmhash.choices.archs import ARCHS, HashHead
+from cmhash.choices.datasets import DATASETS
+from cmhash.choices.losses import LOSSES
+from cmhash.choices.optimizers import OptimizerConfig
+from cmhash.choices.schedules import SCHEDULES, ScheduleBase
 from cmhash.errors import ConfigError
+from cmhash.registry import Registry
+from cmhash.sections import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Section
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class Range(NamedTuple):
-    """The values a params.yaml number may take: an integer (or any finite number) from `low`
-    (excluded when `open_low`) up to `high` (excluded when `open_high`)."""
-
-    integer: bool
-    low: float
-    open_low: bool = False
-    high: float = math.inf
-    open_high: bool = True
-
-    def holds(self, value: Any) -> bool:
-        if isinstance(value, bool) or (self.integer and not isinstance(value, int)):
-            return False
-        try:
-            number = float(value)  # also "1e-4", which PyYAML reads as a string (its floats need a dot)
-        except (TypeError, ValueError):
-            return False
-        above = number > self.low if self.open_low else number >= self.low
-        below = number < self.high if self.open_high else number <= self.high
-        return math.isfinite(number) and above and below
-
-    def check(self, key: str, value: Any, why: str = "") -> Any:
-        """`value` (a float unless `integer`), or a one-line ConfigError naming `key` and the range."""
-        if not self.holds(value):
-            raise ConfigError(f"{key} must be {self}{why}, got {value!r}")
-        return value if self.integer else float(value)
-
-    def __str__(self) -> str:
-        bound = f"{'>' if self.open_low else '>='} {self.low:g}"
-        if self.high != math.inf:
-            bound += f" and {'<' if self.open_high else '<='} {self.high:g}"
-        return f"{'an integer' if self.integer else 'a number'} {bound}"
+def one_of(registry: Registry) -> Any:
+    """A str field that must name an entry of `registry`."""
+    return Annotated[str, AfterValidator(registry.validate)]
 
 
-COUNT, POSITIVE, NON_NEGATIVE = Range(True, 1), Range(False, 0, open_low=True), Range(False, 0)
+def with_sections(base: type[Section], registry: Registry, name: str) -> type[Section]:
+    """`base` plus one field per registered entry, holding that entry's knobs (all defaulted)."""
+    fields = {entry.name: (entry.knobs, entry.knobs()) for entry in registry.entries()}
+    return create_model(name, __base__=base, **fields)
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+class DataBase(Section):
+    name: one_of(DATASETS) = "demo"
+    root: str = "data"  # where real datasets were downloaded (unused by demo)
+    on_bad_item: Literal["skip", "fail"] = "skip"  # an unreadable image or empty caption
+
+    @property
+    def options(self) -> Any:
+        """The chosen dataset's section, `data.<name>`."""
+        return getattr(self, self.name)
+
+
+class ClipConfig(Section):
+    model: str = "cmhash-demo"  # an open_clip model name (real use: ViT-B-32)
+    pretrained: str = "none"  # an open_clip tag, a local checkpoint file, or none (random init)
+    batch_size: Count = 128
+    num_workers: NonNegativeInt = 2  # image-decoding worker processes
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    shard_size: Count = 2048  # pairs per resumable shard
+
+
+class ModelBase(Section):
+    arch: one_of(ARCHS) = "reference"
+
+    @property
+    def knobs(self) -> Any:
+        """The chosen architecture's section, `model.<arch>`."""
+        return getattr(self, self.arch)
+
+
+class FusionTrain(Section):
+    """Task 0."""
+
+    epochs: Count = 30
+    lr: Positive = 3e-4
+
+
+class HashTrain(Section):
+    """Task 1: hash heads at `lr`, the fusion model they start from fine-tuned at `fusion_lr`."""
+
+    epochs: Count = 30
+    lr: Positive = 1e-3
+    fusion_lr: Positive = 1e-4
+    hash_weight: NonNegative = 0.5  # loss = L(embeddings) + hash_weight * L(hash outputs)
+
+    @property
+    def lrs(self) -> list[float]:
+        return [self.fusion_lr, self.lr]
+
+
+Schedule = with_sections(ScheduleBase, SCHEDULES, "Schedule")
+
+
+class TrainConfig(Section):
+    inputs: Literal["strict", "paired", "both"] = "both"  # what the loss sees
+    batch_size: Count = 128  # pairs per optimiser step
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_grad_norm: NonNegative = 0.0  # max global grad norm; 0 = off
+    eval_every: Count = 1  # validate every N epochs (and at the last)
+    select_topk: Count = 50  # model selection: val MAP@K
+    patience: NonNegativeInt = 0  # early stopping after N validations without gain; 0 = off
+    min_delta: NonNegative = 0.0
+    resume: Flag = True  # continue an unfinished run from its checkpoints
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: Schedule = Schedule()
+    fusion: FusionTrain = FusionTrain()
+    hash: HashTrain = HashTrain()
+
+    @model_validator(mode="after")
+    def _schedule_fits_both_tasks(self) -> TrainConfig:
+        for task, section, lrs in (("fusion", self.fusion, [self.fusion.lr]), ("hash", self.hash, self.hash.lrs)):
+            try:
+                self.schedule.check_against(section.epochs, lrs)
+            except ValueError as exc:
+                raise ValueError(f"schedule does not fit train.{task}: {exc}") from None
+        return self
+
+
+PositiveList = Annotated[list[Count], Field(min_length=1)]
+
+
+class EvaluateConfig(Section):
+    topk: PositiveList = [50]  # MAP@K for each K; MAP@all is always reported
+    precision_at: PositiveList = [1, 5, 10, 20, 50, 100, 200, 500, 1000]  # the precision@N curve
+
+
+Losses = with_sections(Section, LOSSES, "Losses")
+Data = with_sections(DataBase, DATASETS, "Data")
+Model = with_sections(ModelBase, ARCHS, "Model")
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    seed: NonNegativeInt = 2023
+    device: DeviceName = "auto"
+    loss: one_of(LOSSES) = "balanced"
+    losses: Losses = Losses()
+    bits: PositiveList = [16, 32, 64, 128]  # code lengths trained and evaluated
+    data: Data = Data()
+    clip: ClipConfig = ClipConfig()
+    model: Model = Model()
+    hash_head: HashHead = HashHead()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def loss_knobs(self) -> Any:
+        """The chosen loss's section, `losses.<loss>`."""
+        return getattr(self.losses, self.loss)
+
+
+# ------------------------------------------------------------------ loading and messages
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml (with `overrides`, dotted key -> value, applied on top), checked whole."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (run from the repository root or pass --params)")
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(params, dict):
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of parameters")
-    return params
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, where=str(path))
 
 
-def get(params: dict[str, Any], dotted: str) -> Any:
-    """params["a"]["b"] for "a.b", with a one-line error naming the missing key."""
-    node: Any = params
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise ConfigError(f"params.yaml has no `{dotted}`; add it (see the README's params reference)")
-        node = node[key]
-    return node
+def parse_params(raw: dict[str, Any], where: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe(exc)}") from None
 
 
-def choose(value: str, valid: dict | tuple | list, what: str) -> str:
-    """Check `value` is one of `valid`, else a one-line error listing the valid names."""
-    if value not in valid:
-        raise ConfigError(f"unknown {what} '{value}'; choose one of: {', '.join(sorted(valid))}")
-    return value
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def describe(exc: ValidationError) -> str:
+    """The first problem pydantic found, as one line; a count of the others."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = first["loc"]
+    key = dotted(loc)
+    if first["type"] == "extra_forbidden":
+        line = f"unknown key {key}{_suggestion(loc)}"
+    elif first["type"] == "missing":
+        line = f"missing key {key}"
+    else:
+        message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        message = message[:1].lower() + message[1:]
+        value = first.get("input")
+        line = f"{key}: {message}" if isinstance(value, dict) or not loc else f"{key} = {value!r}: {message}"
+    more = len(errors) - 1
+    return line + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def dotted(loc: tuple[Any, ...]) -> str:
+    """('bits', 0) -> 'bits[0]', ('train', 'fusion', 'lr') -> 'train.fusion.lr'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out or "(top level)"
+
+
+# Keys that moved into per-architecture, per-head and per-schedule sections: old params files
+# get pointed at the new place.
+MOVED = {
+    **{f"model.{k}": f"model.<arch>.{k}" for k in ("d_model", "nhead", "num_layers", "dim_feedforward", "dropout", "attention_dropout")},
+    "model.hash_hidden": "hash_head.hidden", "model.hash_dropout": "hash_head.dropout",
+    **{f"train.schedule.{k}": f"train.schedule.<name>.{k}" for k in ("eta_min", "step_size", "gamma", "milestones")},
+    "train.schedule.restart_period": "train.schedule.cosine_restarts.first_period",
+    "train.schedule.restart_mult": "train.schedule.cosine_restarts.period_mult",
+}
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    if dotted(loc) in MOVED:
+        return f"; it is now {MOVED[dotted(loc)]}"
+    valid = list(section_at(loc[:-1]).model_fields)
+    if not valid:
+        return f"; {dotted(loc[:-1])} takes no keys"
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    prefix = dotted(loc[:-1]) + "." if loc[:-1] else ""
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; valid keys here: {', '.join(valid)}"
+
+
+def section_at(loc: tuple[Any, ...], model: type[BaseModel] = Params) -> type[BaseModel]:
+    """The Section class at a key path of the schema."""
+    for part in loc:
+        model = section_type(model.model_fields[part].annotation)
+    return model
+
+
+def section_type(annotation: Any) -> Any:
+    """The Section class inside an annotation (Optional[X] -> X), or the annotation itself."""
+    if get_origin(annotation) is not None and not isinstance(annotation, type):
+        for arg in get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return annotation
+
+
+def leaf_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema that holds a value (not a section)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        inner = section_type(field.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            keys += leaf_keys(inner, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+

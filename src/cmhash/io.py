@@ -8,11 +8,10 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any
 
 from cmhash.errors import DataError
 

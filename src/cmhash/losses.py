@@ -2,12 +2,12 @@
 
 Row i of x is paired with row i of y; every other row of the batch is a negative for the
 contrastive losses. All losses here are symmetric: swapping x and y leaves the value unchanged.
-Choose one by name with `build_loss(name, knobs)`; `LOSSES` lists the names.
+Each is registered by name, with its knobs (`losses.<name>` in params.yaml), in
+cmhash.choices.losses; build one with `build_loss(name, knobs)`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmhash.config import NON_NEGATIVE, POSITIVE
-from cmhash.errors import ConfigError
+from cmhash.choices.losses import LOSSES
+from cmhash.sections import Section
 
 log = logging.getLogger("cmhash")
 
@@ -28,6 +28,10 @@ class PairLoss(nn.Module):
 
     name: str
     contrastive: bool  # True when the loss needs in-batch negatives (so batch size matters)
+
+    def __init__(self, knobs: Section | None = None) -> None:
+        super().__init__()
+        self.knobs = knobs if knobs is not None else LOSSES.entry(self.name).knobs()  # None: the defaults
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape != y.shape:
@@ -57,9 +61,9 @@ class ContrastiveLoss(PairLoss):
     name = "contrastive"
     contrastive = True
 
-    def __init__(self, temperature: float = 0.5) -> None:
-        super().__init__()
-        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
+    @property
+    def temperature(self) -> float:
+        return self.knobs.temperature
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -83,9 +87,9 @@ class BalancedContrastiveLoss(PairLoss):
     name = "balanced"
     contrastive = True
 
-    def __init__(self, temperature: float = 0.5) -> None:
-        super().__init__()
-        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
+    @property
+    def temperature(self) -> float:
+        return self.knobs.temperature
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -106,9 +110,9 @@ class InfoNCELoss(PairLoss):
     name = "infonce"
     contrastive = True
 
-    def __init__(self, temperature: float = 0.07) -> None:
-        super().__init__()
-        self.temperature = POSITIVE.check(f"losses.{self.name}.temperature", temperature)
+    @property
+    def temperature(self) -> float:
+        return self.knobs.temperature
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _symmetric_cross_entropy(_cross_modal_logits(x, y, self.temperature))
@@ -140,51 +144,22 @@ class CosineMSELoss(PairLoss):
     name = "cosine_mse"
     contrastive = False
 
-    def __init__(self, cosine_weight: float = 0.7, mse_weight: float = 0.3) -> None:
-        super().__init__()
-        self.cosine_weight = NON_NEGATIVE.check(f"losses.{self.name}.cosine_weight", cosine_weight)
-        self.mse_weight = NON_NEGATIVE.check(f"losses.{self.name}.mse_weight", mse_weight)
-        if self.cosine_weight == self.mse_weight == 0:
-            raise ConfigError(
-                f"losses.{self.name}: cosine_weight and mse_weight are both 0, so nothing would be "
-                "trained; make one of them positive"
-            )
+    def __init__(self, knobs: Section | None = None) -> None:
+        super().__init__(knobs)
         self.cosine = CosineLoss()
         self.mse = MSELoss()
 
     def pair_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.cosine_weight * self.cosine(x, y) + self.mse_weight * self.mse(x, y)
+        k = self.knobs
+        return k.cosine_weight * self.cosine(x, y) + k.mse_weight * self.mse(x, y)
 
 
-LOSSES: dict[str, type[PairLoss]] = {
-    cls.name: cls
-    for cls in (
-        ContrastiveLoss, BalancedContrastiveLoss, InfoNCELoss, MSELoss, CosineLoss, CosineMSELoss
-    )
-}
-
-
-def loss_knobs(name: str) -> list[str]:
-    """The constructor arguments (params.yaml knobs) the loss `name` accepts."""
-    parameters = inspect.signature(LOSSES[name]).parameters.values()
-    # Losses without knobs inherit nn.Module's (*args, **kwargs), which are not knobs.
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def build_loss(name: str, knobs: dict | None = None) -> PairLoss:
-    """The loss registered as `name`, configured with `knobs` (params.yaml `losses.<name>`)."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}")
-    knobs = {} if knobs is None else knobs  # `mse: {}` or a bare `mse:` in YAML both mean no knobs
-    if not isinstance(knobs, dict):
-        raise ConfigError(f"losses.{name} must be a mapping of knobs, got {knobs!r}")
-    valid = loss_knobs(name)
-    unknown = sorted(str(knob) for knob in knobs if knob not in valid)
-    if unknown:
-        accepted = ", ".join(valid) if valid else "none"
-        names = ", ".join(unknown)
-        raise ConfigError(f"unknown knob(s) {names} for loss {name!r}; valid knobs: {accepted}")
-    return LOSSES[name](**knobs)
+def build_loss(name: str, knobs: Section | dict | None = None) -> PairLoss:
+    """The loss registered as `name`, with `knobs` (its `losses.<name>` section, or a dict of it)."""
+    entry = LOSSES.entry(name)
+    if not isinstance(knobs, Section):
+        knobs = entry.knobs.model_validate(knobs or {})
+    return entry.load()(knobs)
 
 
 def warn_if_small_batch(loss: PairLoss, batch_size: int, minimum: int = SMALL_BATCH) -> str | None:

@@ -1,6 +1,7 @@
 """UCMFH: a fusion transformer over CLIP features (task 0) and hash heads on top of it (task 1).
 
-Fusion architectures (params.yaml `model.arch`, the FUSIONS registry):
+Fusion architectures (params.yaml `model.arch`, registered in cmhash.choices.archs; each has its
+own knobs in `model.<arch>`, and the hash heads theirs in `hash_head`, read by task 1 only):
   reference        concat(image, text) as one token -> TransformerEncoder (the public code)
   cross_attention  per-modality transformers, then cross-attention within the pair (the seed's variant)
 
@@ -21,11 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from cmhash.config import choose, get
+from cmhash.choices.archs import ARCHS, CrossAttention, Transformer
+from cmhash.choices.archs import HashHead as HashHeadKnobs
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
+from cmhash.sections import Count, Section
 
 PROTOCOLS = ("strict", "paired")
 
@@ -33,10 +37,12 @@ PROTOCOLS = ("strict", "paired")
 class ReferenceFusion(nn.Module):
     """concat(image, text) as one token -> TransformerEncoder -> L2-normalise -> split in halves."""
 
-    def __init__(self, feature_dim: int, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float) -> None:
+    def __init__(self, feature_dim: int, knobs: Transformer) -> None:
         super().__init__()
+        d_model, nhead = knobs.d_model or 2 * feature_dim, knobs.nhead
+        num_layers, dim_feedforward, dropout = knobs.num_layers, knobs.dim_feedforward, knobs.dropout
         if d_model % 2 or d_model % nhead:
-            raise ConfigError(f"model.d_model={d_model} must be even and divisible by model.nhead={nhead}")
+            raise ConfigError(f"model.reference: d_model {d_model} must be even and divisible by nhead {nhead}")
         self.input = nn.Identity() if d_model == 2 * feature_dim else nn.Linear(2 * feature_dim, d_model)
         layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
@@ -80,7 +86,9 @@ class CrossAttentionBlock(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """The seed's variant: an image transformer and a text transformer (each over its item's one
+    """Per-modality transformers, then cross-attention within each pair (the seed's variant).
+
+    An image transformer and a text transformer (each over its item's one
     token, [B, 1, w] with w = d_model / 2), then cross-attention both ways - the image token
     attends over the item's (image, text) token pair, and so does the text token - then each
     output is L2-normalised on its own. Attention never crosses items: every item is encoded
@@ -95,14 +103,14 @@ class CrossAttentionFusion(nn.Module):
     keys would be NaN). `attention_dropout` drops attention weights; `dropout` is every other
     dropout (encoders, residuals, feed-forward)."""
 
-    extra_knobs = ("attention_dropout",)  # params.yaml model.<knob>, beyond the shared ones
-
-    def __init__(self, feature_dim: int, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float,
-                 attention_dropout: float) -> None:
+    def __init__(self, feature_dim: int, knobs: CrossAttention) -> None:
         super().__init__()
+        d_model, nhead = knobs.d_model or 2 * feature_dim, knobs.nhead
+        num_layers, dim_feedforward, dropout = knobs.num_layers, knobs.dim_feedforward, knobs.dropout
+        attention_dropout = knobs.attention_dropout
         width = d_model // 2
         if d_model % 2 or width % nhead:
-            raise ConfigError(f"model.d_model={d_model} must be even and d_model/2 divisible by model.nhead={nhead}")
+            raise ConfigError(f"model.cross_attention: d_model {d_model} must be even and d_model/2 divisible by nhead {nhead}")
 
         self.image_encoder = TokenEncoder(feature_dim, width, nhead, num_layers, dim_feedforward, dropout)
         self.text_encoder = TokenEncoder(feature_dim, width, nhead, num_layers, dim_feedforward, dropout)
@@ -120,9 +128,6 @@ class CrossAttentionFusion(nn.Module):
         return F.normalize(image_out, dim=1), F.normalize(text_out, dim=1)
 
 
-FUSIONS: dict[str, type[nn.Module]] = {"reference": ReferenceFusion, "cross_attention": CrossAttentionFusion}
-
-
 class HashHead(nn.Module):
     """L2-norm -> Linear -> ReLU -> Dropout -> Linear(bits) -> tanh -> L2-norm; codes are its sign."""
 
@@ -134,21 +139,35 @@ class HashHead(nn.Module):
         return F.normalize(torch.tanh(self.net(F.normalize(x, dim=1))), dim=1)
 
 
+class ModelConfig(Section):
+    """What a checkpoint rebuilds its model from (its `config`, saved as plain data)."""
+
+    arch: str  # an ARCHS name
+    knobs: dict[str, Any]  # model.<arch>
+    feature_dim: Count
+    bits: Count | None = None  # None: task 0 (fusion only)
+    hash_head: HashHeadKnobs | None = None  # task 1
+    loss: str = ""  # what it was trained with, for the record
+    clip: dict[str, Any] = {}  # what its features were made with: clip_model, pretrained, random_init
+
+    def fusion_part(self) -> dict[str, Any]:
+        """What the fusion weights depend on: task 1 starts only from a task-0 model that matches."""
+        return {"arch": self.arch, "knobs": self.knobs, "feature_dim": self.feature_dim}
+
+
 class CrossModalHasher(nn.Module):
     """The fusion encoder, plus image/text hash heads when `bits` is set (task 1)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        m = config["model"]
-        fusion = FUSIONS[choose(m["arch"], FUSIONS, "model.arch")]
-        extra = {knob: get(config, f"model.{knob}") for knob in getattr(fusion, "extra_knobs", ())}
-        self.fusion = fusion(
-            config["feature_dim"], m["d_model"] or 2 * config["feature_dim"], m["nhead"], m["num_layers"], m["dim_feedforward"], m["dropout"], **extra
-        )
-        bits = config.get("bits")
-        self.image_head = HashHead(self.fusion.embed_dim, m["hash_hidden"], bits, m["hash_dropout"]) if bits else None
-        self.text_head = HashHead(self.fusion.embed_dim, m["hash_hidden"], bits, m["hash_dropout"]) if bits else None
+        entry = ARCHS.entry(config.arch)
+        self.fusion = entry.load()(config.feature_dim, entry.knobs.model_validate(config.knobs))
+        bits, head = config.bits, config.hash_head
+        if bits and head is None:
+            raise ConfigError("a hash model (bits set) needs its hash_head settings")
+        self.image_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout) if bits else None
+        self.text_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout) if bits else None
 
     # CLIP features are L2-normalised on the way in: the scale of random-init or other CLIP
     # variants then does not matter, and a zero vector unambiguously means "modality absent".
@@ -183,8 +202,9 @@ def encode(model: CrossModalHasher, image: Tensor, text: Tensor, protocol: str, 
 
 
 def save_checkpoint(path: Path, model: CrossModalHasher, **extra: Any) -> None:
+    # The config goes in as plain data: weights_only loading admits no pydantic objects.
     with atomic_path(path) as tmp:
-        torch.save({"config": model.config, "state_dict": model.state_dict(), **extra}, tmp)
+        torch.save({"config": model.config.model_dump(), "state_dict": model.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[CrossModalHasher, dict[str, Any]]:
@@ -195,6 +215,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Cro
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe file
         raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    model = CrossModalHasher(ckpt["config"]).to(device)
-    model.load_state_dict(ckpt["state_dict"])
+    if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= ckpt.keys():
+        raise DataError(f"{path} is not a cmhash model checkpoint (no config and state_dict); re-run the stage that writes it")
+    try:
+        model = CrossModalHasher(ModelConfig.model_validate(ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValidationError, ConfigError, RuntimeError) as exc:
+        raise DataError(f"{path} does not match this version's models ({str(exc).splitlines()[0]}); re-run the stage that writes it") from None
     return model, ckpt

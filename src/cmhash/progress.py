@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.progress import (
     BarColumn,
@@ -30,7 +30,7 @@ class _Rate(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, total: int, unit: str = "it") -> Iterator["_Advance"]:
+def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[_Advance]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), _Rate(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(description, total=total, unit=unit)

@@ -1,6 +1,6 @@
 """Ranking the database for each query, and the MAP family computed from that ranking.
 
-Definitions (DESIGN.md §6):
+Definitions (written out in docs/evaluation.md):
 - codes are ±1; Hamming distance = (bits - q·r) / 2; relevant = shares at least one label;
 - the database is ranked by distance, ties broken by database index (lower index first), so
   every number here is deterministic;

@@ -1,9 +1,4 @@
-"""One module per pipeline stage. Each holds the stage's Typer `command` (its inputs, outputs and
-options) and the `run` function it calls; `cmhash.cli` only registers them."""
-
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
-ParamsOption = Annotated[Path, typer.Option("--params", help="params file to read every setting from.")]
+"""One module per pipeline stage (a dvc.yaml stage). Each holds the stage's Typer `command` (its
+inputs, outputs and options), `reads` (the params.yaml keys it reads: dvc.yaml lists exactly
+these) and the `run` function that does its I/O around calls into the library. `cmhash.cli`
+only registers the commands."""

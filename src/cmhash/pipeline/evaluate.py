@@ -32,34 +32,23 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from cmhash.config import get, load_params
-from cmhash.errors import ConfigError
+from cmhash.config import EvaluateConfig, Params, load_params
+from cmhash.device import resolve_device
 from cmhash.evaluation import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import chance_map, cosine_map, mean_average_precision, tie_aware_map
 from cmhash.features import load_features
 from cmhash.io import atomic_dir, atomic_path, write_json
 from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
-from cmhash.pipeline import ParamsOption
-from cmhash.training.precision import resolve_device
+from cmhash.options import ParamsOption
+from cmhash.tables import DIRECTIONS, MapTable, file_stem, paper_tables
 
 RANDOM_INIT_NOTE = "random-init CLIP features on synthetic data: these numbers test the pipeline, not the method"
-# direction -> (query side, database side), as named by `outputs` in `run`
-DIRECTIONS = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
-MapTable = dict[str, dict[str, dict[str, float]]]  # protocol -> direction -> metric -> value
 
 
-def file_stem(bits: int) -> str:
-    """Zero-padded, so files (and the rows `dvc metrics show` makes of them) sort by code length."""
-    return f"{bits:03d}"
-
-
-def positive_ints(params: dict, key: str) -> list[int]:
-    value = get(params, key)
-    if not isinstance(value, list) or not value or not all(type(v) is int and v > 0 for v in value):
-        raise ConfigError(f"`{key}` must be a non-empty list of positive integers, got {value!r}")
-    return value
+def reads(p: Params) -> dict[str, Any]:
+    """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
+    return {"device": p.device, "bits": p.bits, "evaluate": p.evaluate}
 
 
 def _named(scores: dict[int | None, float]) -> dict[str, float]:
@@ -95,35 +84,11 @@ def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label
     return {"pr": pr, "precision_at_n": [{"bits": bits, "n": n, "precision": float(p)} for n, p in zip(ns, at_n)]}
 
 
-PROTOCOL_TITLES = {"strict": "strict protocol (each modality alone)", "paired": "paired protocol (whole pair, as the reference)"}
-
-
-def paper_tables(tables: dict[str, MapTable], bits: list[int], note: str | None) -> list[Table]:
-    """One table per protocol (narrow enough for an 80-column log): rows are code lengths, then
-    the real-valued and chance rows; columns are direction x MAP@K."""
-    metrics = list(tables[file_stem(bits[0])][PROTOCOLS[0]]["i2t"])
-    rows = [(str(b), file_stem(b)) for b in bits] + [("real-valued", "real_valued"), ("chance", "chance")]
-    result = []
-    for protocol in PROTOCOLS:
-        table = Table(title=f"MAP, {PROTOCOL_TITLES[protocol]}")
-        table.add_column("bits", no_wrap=True)
-        for direction in DIRECTIONS:
-            for metric in metrics:
-                table.add_column(f"{direction} {metric.replace('map', 'MAP')}", justify="right", no_wrap=True, min_width=6)
-        for label, key in rows:
-            if key == "real_valued":
-                table.add_section()
-            table.add_row(label, *(f"{tables[key][protocol][d][m]:.4f}" for d in DIRECTIONS for m in metrics))
-        result.append(table)
-    result[-1].caption = " ".join(filter(None, ["Hamming ties broken by database index.", note]))
-    return result
-
-
-def run(params: dict, features_dir: Path, fusion_path: Path, hash_dir: Path, out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
-    device = resolve_device(str(get(params, "device")))
-    bits_list = positive_ints(params, "bits")
-    topk = (*positive_ints(params, "evaluate.topk"), None)
-    precision_at = positive_ints(params, "evaluate.precision_at")
+def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_dir: Path, fusion_path: Path, hash_dir: Path,
+        out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
+    device = resolve_device(device_name)
+    topk = (*cfg.topk, None)
+    precision_at = cfg.precision_at
     query, db = load_features(features_dir / "query.pkl", device), load_features(features_dir / "retrieval.pkl", device)
     q_label, db_label = query.label.cpu().numpy(), db.label.cpu().numpy()
     ns = sorted({min(n, len(db_label)) for n in precision_at})  # N beyond the database = all of it
@@ -184,4 +149,5 @@ def command(
     metrics_dir: Annotated[Path, typer.Option(help="where map.json, map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
 ) -> None:
     """MAP@K, MAP@all, PR and precision@N curves: image->text and text->image, every code length, strict and paired."""
-    run(load_params(params), features_dir, fusion, hash_dir, out_dir, metrics_dir)
+    p = load_params(params)
+    run(p.device, p.bits, p.evaluate, features_dir, fusion, hash_dir, out_dir, metrics_dir)

@@ -11,40 +11,41 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cmhash.config import choose, get, load_params
-from cmhash.data.datasets import dataset_options, get_importer
+from cmhash.config import Data, Params, load_params
+from cmhash.data.datasets import build_collection
 from cmhash.data.datasets.common import NO_LABEL
 from cmhash.data.manifest import make_splits, write_label_names, write_split
 from cmhash.errors import DataError
 from cmhash.io import atomic_write_text
-from cmhash.pipeline import ParamsOption
+from cmhash.options import ParamsOption
 
 log = logging.getLogger("cmhash")
-BAD_ITEM_POLICIES = ("skip", "fail")
 
 
-def run(params: dict, out_dir: Path) -> dict[str, int]:
-    name = str(get(params, "data.name"))
-    importer = get_importer(name)
-    opts = dataset_options(name, get(params, f"data.{name}"))
-    on_bad_item = choose(get(params, "data.on_bad_item"), BAD_ITEM_POLICIES, "data.on_bad_item")
-    seed = int(get(params, "seed"))
-    collection = importer(Path(str(get(params, "data.root"))), opts, out_dir, seed)
+def reads(p: Params) -> dict[str, Any]:
+    """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
+    d = p.data
+    return {"seed": p.seed, "data.name": d.name, "data.root": d.root, "data.on_bad_item": d.on_bad_item, f"data.{d.name}": d.options}
+
+
+def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+    name, opts = data.name, data.options
+    collection = build_collection(name, Path(data.root), opts, out_dir, seed)
     # Pairs without a label are the field's protocol filter, not bad data: reported, never fatal.
     bad = [s for s in collection.skipped if s.reason != NO_LABEL]
-    if bad and on_bad_item == "fail":
+    if bad and data.on_bad_item == "fail":
         raise DataError(f"{len(bad)} bad item(s), first: {bad[0].id}: {bad[0].reason} (or set data.on_bad_item: skip)")
     if not collection.items:
-        raise DataError(f"dataset '{name}' has no usable pairs under {get(params, 'data.root')}")
+        raise DataError(f"dataset '{name}' has no usable pairs under {data.root}")
 
-    splits = make_splits(len(collection.items), query=int(opts["query"]), train=int(opts["train"]), val=int(opts["val"]), seed=seed)
+    splits = make_splits(len(collection.items), query=opts.query, train=opts.train, val=opts.val, seed=seed)
     for split, rows in splits.items():
         write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])
-    write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts, seed=seed)
+    write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts.model_dump(), seed=seed)
     atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in collection.skipped))
     counts = {split: len(rows) for split, rows in splits.items()}
     log.info("prepare %s: %s pairs, %d labels; splits %s", name, len(collection.items), len(collection.label_names), counts)
@@ -60,4 +61,5 @@ def command(
     out_dir: Annotated[Path, typer.Option(help="where the manifests go.")] = Path("stages/prepare"),
 ) -> None:
     """Read a dataset (data.name; `demo` generates the offline one) into per-split manifests."""
-    run(load_params(params), out_dir)
+    p = load_params(params)
+    run(p.seed, p.data, out_dir)

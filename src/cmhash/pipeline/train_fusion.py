@@ -8,13 +8,18 @@ keeps   checkpoints/fusion/ while unfinished (git-ignored, not a DVC out): a re-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cmhash.config import load_params
-from cmhash.pipeline import ParamsOption
-from cmhash.training.task import open_live, train_task
+from cmhash.config import Params, load_params
+from cmhash.options import ParamsOption
+from cmhash.training.task import TaskSettings, open_live, train_task
+
+
+def reads(p: Params) -> dict[str, Any]:
+    """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
+    return TaskSettings.of(p, "fusion").reads("fusion")
 
 
 def command(
@@ -25,5 +30,6 @@ def command(
     checkpoints: Annotated[Path, typer.Option(help="an unfinished run's state (last.pt, best.pt), to resume from.")] = Path("checkpoints/fusion"),
 ) -> None:
     """Task 0: train the fusion transformer; keep the checkpoint with the best val MAP."""
+    settings = TaskSettings.of(load_params(params), "fusion")  # a config mistake stops before any output is touched
     with open_live(metrics_dir) as live:
-        train_task(load_params(params), features_dir=features_dir, out_path=out, live=live, checkpoint_dir=checkpoints)
+        train_task(settings, features_dir=features_dir, out_path=out, live=live, checkpoint_dir=checkpoints)

@@ -9,18 +9,23 @@ keeps   checkpoints/hash/<bits>/ while unfinished (git-ignored, not a DVC out): 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
-from cmhash.config import get, load_params
-from cmhash.pipeline import ParamsOption
-from cmhash.training.task import open_live, train_task
+from cmhash.config import Params, load_params
+from cmhash.options import ParamsOption
+from cmhash.training.task import TaskSettings, open_live, train_task
+
+
+def reads(p: Params) -> dict[str, Any]:
+    """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
+    return {**TaskSettings.of(p, "hash").reads("hash"), "bits": p.bits}
 
 
 def command(
     params: ParamsOption = Path("params.yaml"),
-    bits: Annotated[Optional[list[int]], typer.Option(help="code length(s); default: `bits` in params.")] = None,
+    bits: Annotated[list[int] | None, typer.Option(help="code length(s); default: `bits` in params.")] = None,
     features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from.")] = Path("stages/fusion/model.pt"),
     out_dir: Annotated[Path, typer.Option(help="writes <out-dir>/<bits>/model.pt.")] = Path("stages/hash"),
@@ -29,7 +34,8 @@ def command(
 ) -> None:
     """Task 1: train hash heads (and fine-tune fusion) for every code length."""
     p = load_params(params)
+    settings = TaskSettings.of(p, "hash")
     with open_live(metrics_dir) as live:
-        for b in bits or [int(x) for x in get(p, "bits")]:
-            train_task(p, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", live=live,
+        for b in bits or p.bits:
+            train_task(settings, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", live=live,
                        checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)

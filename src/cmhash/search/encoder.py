@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from cmhash.clip import Clip, file_sha256, weights_sha256
+from cmhash.clip import Clip, file_sha256, load_seeded_clip, weights_sha256
+from cmhash.encoding import encode_captions, encode_images, no_progress
 from cmhash.errors import DataError
 from cmhash.models import CrossModalHasher, encode, load_checkpoint, to_codes
-from cmhash.pipeline.extract import encode_captions, encode_images, load_seeded_clip, no_progress
 
 SLOT = {"image": 0, "text": 1}  # position of each modality in the model's (image, text) inputs and outputs
 
@@ -27,17 +28,17 @@ class HashModel:
 
     @property
     def bits(self) -> int:
-        return int(self.model.config["bits"])
+        return int(self.model.config.bits)
 
     @property
     def clip_settings(self) -> dict[str, Any]:
         """What the training features were made with: {clip_model, pretrained, random_init}."""
-        return dict(self.model.config.get("clip") or {})
+        return dict(self.model.config.clip)
 
     def codes(self, features: np.ndarray, modality: str) -> np.ndarray:
         """±1 int8 codes [N, bits] of one modality's CLIP features; the other input slot stays zero."""
         device = next(self.model.parameters()).device
-        inputs = [torch.zeros(len(features), self.model.config["feature_dim"], device=device) for _ in SLOT]
+        inputs = [torch.zeros(len(features), self.model.config.feature_dim, device=device) for _ in SLOT]
         inputs[SLOT[modality]] = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
         outputs = encode(self.model, *inputs, protocol="strict")
         return to_codes(outputs[SLOT[modality]]).cpu().numpy()
@@ -45,7 +46,7 @@ class HashModel:
 
 def load_hash_model(checkpoint: Path, device: torch.device) -> HashModel:
     model, _ = load_checkpoint(checkpoint, device)
-    if not model.config.get("bits"):
+    if not model.config.bits:
         raise DataError(f"{checkpoint} is a fusion (task 0) checkpoint without hash heads; use stages/hash/<bits>/model.pt")
     return HashModel(model, Path(checkpoint), file_sha256(Path(checkpoint)))
 
@@ -59,7 +60,7 @@ class ClipEncoder:
     num_workers: int = 0
 
     @classmethod
-    def load(cls, settings: dict[str, Any], device: torch.device, batch_size: int = 1, num_workers: int = 0) -> "ClipEncoder":
+    def load(cls, settings: dict[str, Any], device: torch.device, batch_size: int = 1, num_workers: int = 0) -> ClipEncoder:
         """settings: {clip_model, pretrained, seed[, checkpoint_sha256, weights_sha256]}, as an index
         or a feature file records them; a recorded digest must match the weights rebuilt here."""
         seed = int(settings["seed"])
@@ -82,3 +83,9 @@ class ClipEncoder:
 
     def captions(self, captions: list[str], advance=no_progress) -> np.ndarray:
         return encode_captions(self.clip, captions, self.device, self.batch_size, advance)
+
+    @torch.inference_mode()
+    def image(self, image: Image.Image) -> np.ndarray:
+        """Features [1, D] of one decoded RGB image (a query), preprocessed as extract preprocesses files."""
+        pixels = self.clip.preprocess(image)[None].to(self.device)
+        return self.clip.model.encode_image(pixels).float().cpu().numpy()

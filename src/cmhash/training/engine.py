@@ -4,8 +4,9 @@ attaches as hooks: callables run after each epoch that read and update the Train
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor

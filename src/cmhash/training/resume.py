@@ -23,21 +23,20 @@ import contextlib
 import hashlib
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-import cmhash
+from cmhash.codedeps import ROOT, closure
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
 from cmhash.training.engine import Hook, TrainState
 
 log = logging.getLogger("cmhash")
 
-# The code that shapes what training produces (the training stages' code deps in dvc.yaml).
-TRAINING_CODE = ("training", "models.py", "losses.py", "features.py", "evaluation", "config.py")  # = dvc.yaml deps
 MISSING = object()
 
 
@@ -52,11 +51,10 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
 
 
 def code_digest() -> str:
-    root = Path(cmhash.__file__).parent
-    files = sorted(f for name in TRAINING_CODE for f in ((root / name).rglob("*.py") if (root / name).is_dir() else [root / name]))
+    """SHA-256 of the training code: every source file the training task imports."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    for f in closure("cmhash.training.task"):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cmhash.config import choose
 from cmhash.models import CrossModalHasher
 
 VIEWS = {"strict": ("strict",), "paired": ("paired",), "both": ("strict", "paired")}
@@ -20,7 +19,7 @@ VIEWS = {"strict": ("strict",), "paired": ("paired",), "both": ("strict", "paire
 class Runner:
     def __init__(self, model: CrossModalHasher, loss: nn.Module, inputs: str, hash_weight: float | None = None) -> None:
         self.model, self.loss_fn, self.hash_weight = model, loss, hash_weight
-        self.views = VIEWS[choose(inputs, VIEWS, "train.inputs")]
+        self.views = VIEWS[inputs]
 
     @property
     def hashing(self) -> bool:

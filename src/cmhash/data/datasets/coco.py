@@ -20,26 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
+from cmhash.choices.datasets import Coco
 from cmhash.data.datasets.common import (
     ItemSink,
-    choice,
     clean_caption,
     require_dir,
     require_file,
     require_root,
-    with_defaults,
 )
 from cmhash.data.manifest import Collection
 from cmhash.errors import DataError
 
-DEFAULTS = {"query": 5000, "train": 10000, "val": 1000, "caption": "first"}
 PARTS = ("train2014", "val2014")
-CAPTION_CHOICES = ("first", "random")
 
 
-def build_coco(root: Path, opts: dict, out_dir: Path, seed: int) -> Collection:
-    opts = with_defaults("coco", DEFAULTS, opts)
-    caption_choice = choice("coco", opts, "caption", CAPTION_CHOICES)
+def build_coco(root: Path, opts: Coco, out_dir: Path, seed: int) -> Collection:
+    caption_choice = opts.caption
     root = Path(root)
     require_root(root, "MS-COCO 2014")
     for part in PARTS:  # every path up front: a missing one fails before minutes of json parsing

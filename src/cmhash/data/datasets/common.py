@@ -1,14 +1,16 @@
-"""What every real-dataset importer shares: option checking, required-path checks with
-one-line errors, and the per-item checks that turn a bad pair into a `Skipped` entry."""
+"""What every dataset importer shares: required-path checks with one-line errors, and the
+per-item checks that turn a bad pair into a `Skipped` entry. An importer is
+`build_X(root, opts, out_dir, seed) -> Collection`: `root` is `data.root`, `opts` its
+`data.<name>` section (cmhash.choices.datasets), `out_dir` the prepare stage's folder (only the
+demo writes there)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from cmhash.data.manifest import Collection, Item, Skipped
-from cmhash.errors import ConfigError, DataError
+from cmhash.errors import DataError
 
 # Reasons an item is left out. Stable strings: the skipped report and tests use them.
 DUPLICATE_ID = "duplicate id"
@@ -19,25 +21,6 @@ IMAGE_MISSING = "image file missing"
 
 class LayoutError(DataError):
     """A file or folder of the expected download layout is missing under an existing root."""
-
-
-def with_defaults(dataset: str, defaults: Mapping[str, Any], opts: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`opts` over `defaults`; a key the importer does not know is a typo, so it is an error."""
-    opts = dict(opts or {})
-    unknown = sorted(set(opts) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} in data.{dataset}; valid options: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **opts}
-
-
-def choice(dataset: str, opts: Mapping[str, Any], key: str, allowed: Iterable[str]) -> str:
-    allowed = tuple(allowed)
-    value = opts[key]
-    if value not in allowed:
-        raise ConfigError(f"data.{dataset}.{key} must be one of: {', '.join(allowed)} (got {value!r})")
-    return value
 
 
 def require_root(root: Path, dataset: str) -> None:

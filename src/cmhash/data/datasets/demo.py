@@ -16,15 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cmhash.data.datasets.common import with_defaults
+from cmhash.choices.datasets import Demo
 from cmhash.data.manifest import Collection, Item
-from cmhash.errors import ConfigError
-
-DEFAULTS = {
-    "n_items": 3000, "image_size": 64, "max_objects": 2, "usual_colour_rate": 0.7,
-    "query": 500, "train": 1500, "val": 300,
-}  # fmt: skip
-MAX_OBJECTS = 4  # more shapes side by side would shrink below recognition at small image sizes
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at any image size
 Point = tuple[float, float]
@@ -255,18 +248,10 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
     return _pick(rng, SENTENCES).format(s=arrangement, bg=background)
 
 
-def build_demo(root: Path, opts: dict, out_dir: Path, seed: int) -> Collection:
-    """Render `n_items` scenes into out_dir/images/<id>.png with captions and shape labels.
-    `root` is unused: the demo needs no download."""
-    opts = with_defaults("demo", DEFAULTS, opts)
-    n_items, size, max_objects = int(opts["n_items"]), int(opts["image_size"]), int(opts["max_objects"])
-    if n_items < 1 or size < 16:
-        raise ConfigError(f"data.demo needs n_items >= 1 and image_size >= 16 (got {n_items}, {size})")
-    if not 1 <= max_objects <= MAX_OBJECTS:
-        raise ConfigError(f"data.demo.max_objects must be between 1 and {MAX_OBJECTS} (got {max_objects})")
-    usual_colour_rate = float(opts["usual_colour_rate"])
-    if not 0.0 <= usual_colour_rate <= 1.0:
-        raise ConfigError(f"data.demo.usual_colour_rate must be between 0 and 1 (got {usual_colour_rate})")
+def build_demo(root: Path, opts: Demo, out_dir: Path, seed: int) -> Collection:
+    """Render `n_items` scenes into out_dir/images/<id>.png with captions and shape labels; `root`
+    is unused."""
+    n_items, size, max_objects, usual_colour_rate = opts.n_items, opts.image_size, opts.max_objects, opts.usual_colour_rate
     image_dir = Path(out_dir) / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     items = []

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmhash.data.datasets.common import ItemSink, read_text, require_file, require_root, with_defaults
+from cmhash.choices.datasets import Manifest
+from cmhash.data.datasets.common import ItemSink, read_text, require_file, require_root
 from cmhash.data.manifest import Collection
 from cmhash.errors import ConfigError, DataError
 
-DEFAULTS = {"query": 1000, "train": 5000, "val": 500, "path": "manifest.jsonl", "separator": "|", "label_names": None}
 REQUIRED = ("image", "caption", "labels")
 
 
@@ -36,19 +36,18 @@ class Record:
 
 
 # A reader yields, per record, either a Record or (id, reason) for a record it could not parse.
-Reader = Callable[[Path, dict], Iterator["Record | tuple[str, str]"]]
+Reader = Callable[[Path, Manifest], Iterator["Record | tuple[str, str]"]]
 
 
-def build_manifest(root: Path, opts: dict, out_dir: Path, seed: int) -> Collection:
-    opts = with_defaults("manifest", DEFAULTS, opts)
+def build_manifest(root: Path, opts: Manifest, out_dir: Path, seed: int) -> Collection:
     root = Path(root)
-    if not Path(opts["path"]).is_absolute():  # an absolute path needs no root
+    if not Path(opts.path).is_absolute():  # an absolute path needs no root
         require_root(root, "the manifest's collection")
-    path = root / opts["path"]
+    path = root / opts.path
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise ConfigError(f"data.manifest.path must end in one of {', '.join(READERS)} (got {path.name!r})")
-    given_names = _given_label_names(opts["label_names"])
+    given_names = opts.label_names
     rows = list(reader(require_file(path, "manifest file"), opts))
     label_names = given_names or sorted({label for r in rows if isinstance(r, Record) for label in r.labels})
     index = {name: i for i, name in enumerate(label_names)}
@@ -64,14 +63,6 @@ def build_manifest(root: Path, opts: dict, out_dir: Path, seed: int) -> Collecti
     return sink.collection("manifest", label_names)
 
 
-def _given_label_names(given: object) -> list[str] | None:
-    if given is None:
-        return None
-    if not isinstance(given, list) or not all(isinstance(n, str) for n in given) or len(set(given)) != len(given):
-        raise ConfigError("data.manifest.label_names must be null or a list of distinct strings")
-    return given
-
-
 def _labels(names: object) -> tuple[str, ...]:
     return tuple(label for n in names if (label := str(n).strip()))
 
@@ -80,7 +71,7 @@ def _text(path: Path) -> str:
     return read_text(path).removeprefix("\ufeff")  # spreadsheet programs write a BOM
 
 
-def _read_csv(path: Path, opts: dict) -> Iterator[Record | tuple[str, str]]:
+def _read_csv(path: Path, opts: Manifest) -> Iterator[Record | tuple[str, str]]:
     reader = csv.DictReader(io.StringIO(_text(path), newline=""))
     missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
     if missing:
@@ -92,13 +83,13 @@ def _read_csv(path: Path, opts: dict) -> Iterator[Record | tuple[str, str]]:
                 cell.get("id", "").strip() or str(number),
                 cell["image"].strip(),
                 cell["caption"],
-                _labels(cell["labels"].split(opts["separator"])),
+                _labels(cell["labels"].split(opts.separator)),
             )
     except csv.Error as exc:  # broken quoting derails every row after it: a file-level error
         raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from None
 
 
-def _read_jsonl(path: Path, opts: dict) -> Iterator[Record | tuple[str, str]]:
+def _read_jsonl(path: Path, opts: Manifest) -> Iterator[Record | tuple[str, str]]:
     lines = (line for line in _text(path).split("\n") if line.strip())
     for number, line in enumerate(lines, 1):
         try:

@@ -15,11 +15,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cmhash.data.datasets.common import ItemSink, read_lines, require_dir, require_file, require_root, with_defaults
+from cmhash.choices.datasets import Mirflickr
+from cmhash.data.datasets.common import ItemSink, read_lines, require_dir, require_file, require_root
 from cmhash.data.manifest import Collection
 from cmhash.errors import DataError
-
-DEFAULTS = {"query": 2000, "train": 5000, "val": 1000, "min_tag_count": 1}
 
 CONCEPTS = (
     "animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake", "male",
@@ -33,8 +32,7 @@ ANNOTATION_DIR = "mirflickr25k_annotations_v080"
 _IMAGE_NAME = re.compile(r"im(\d+)\.jpg")
 
 
-def build_mirflickr(root: Path, opts: dict, out_dir: Path, seed: int) -> Collection:
-    opts = with_defaults("mirflickr", DEFAULTS, opts)
+def build_mirflickr(root: Path, opts: Mirflickr, out_dir: Path, seed: int) -> Collection:
     root = Path(root)
     require_root(root, "MIRFlickr-25K")
     image_dir = require_dir(root / IMAGE_DIR, "MIRFlickr-25K image folder")
@@ -61,7 +59,7 @@ def build_mirflickr(root: Path, opts: dict, out_dir: Path, seed: int) -> Collect
         if tags[n] is None and labels[n]:
             sink.skip(str(n), "tags file missing")
             continue
-        caption = " ".join(t for t in tags[n] or () if frequency[t] >= opts["min_tag_count"])
+        caption = " ".join(t for t in tags[n] or () if frequency[t] >= opts.min_tag_count)
         sink.offer(str(n), image_dir / f"im{n}.jpg", caption, labels[n])
     return sink.collection("mirflickr", list(CONCEPTS))
 

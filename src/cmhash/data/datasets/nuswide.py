@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from cmhash.choices.datasets import Nuswide
 from cmhash.data.datasets.common import (
     ItemSink,
     missing,
@@ -26,12 +27,9 @@ from cmhash.data.datasets.common import (
     require_dir,
     require_file,
     require_root,
-    with_defaults,
 )
 from cmhash.data.manifest import Collection
 from cmhash.errors import ConfigError, DataError
-
-DEFAULTS = {"query": 2100, "train": 10500, "val": 1000, "top_concepts": 10}
 
 IMAGE_LIST = "ImageList/Imagelist.txt"
 TAG_FILE = "NUS_WID_Tags/All_Tags.txt"
@@ -40,8 +38,7 @@ IMAGE_DIR = "Flickr"
 TAG_MISMATCH = "tag line is for another image"
 
 
-def build_nuswide(root: Path, opts: dict, out_dir: Path, seed: int) -> Collection:
-    opts = with_defaults("nuswide", DEFAULTS, opts)
+def build_nuswide(root: Path, opts: Nuswide, out_dir: Path, seed: int) -> Collection:
     root = Path(root)
     require_root(root, "NUS-WIDE")
     image_list = read_lines(require_file(root / IMAGE_LIST, "NUS-WIDE image list"))
@@ -56,7 +53,7 @@ def build_nuswide(root: Path, opts: dict, out_dir: Path, seed: int) -> Collectio
     _check_aligned(tag_path, len(tag_lines), len(image_list))
     concepts = [p.stem.removeprefix("Labels_") for p in label_files]
     matrix = np.stack([_read_label_column(p, len(image_list)) for p in label_files], axis=1)
-    keep = _top_concepts(concepts, matrix.sum(axis=0), opts["top_concepts"])
+    keep = _top_concepts(concepts, matrix.sum(axis=0), opts.top_concepts)
     matrix = matrix[:, keep]
 
     sink = ItemSink()
@@ -85,9 +82,9 @@ def _read_label_column(path: Path, expected: int) -> np.ndarray:
     return np.array(values) == b"1"
 
 
-def _top_concepts(concepts: list[str], counts: np.ndarray, k: object) -> list[int]:
+def _top_concepts(concepts: list[str], counts: np.ndarray, k: int) -> list[int]:
     """Column indices of the k most frequent concepts, ties broken by name, returned in name order."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(concepts):
-        raise ConfigError(f"data.nuswide.top_concepts must be an integer from 1 to {len(concepts)} (got {k!r})")
+    if k > len(concepts):
+        raise ConfigError(f"data.nuswide.top_concepts is {k}, but {LABEL_DIR} has only {len(concepts)} concepts")
     by_frequency = sorted(range(len(concepts)), key=lambda j: (-counts[j], concepts[j]))
     return sorted(by_frequency[:k], key=concepts.__getitem__)

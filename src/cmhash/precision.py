@@ -1,4 +1,4 @@
-"""Where training runs (params.yaml `device`) and in which precision (`train.precision`).
+"""In which precision a model runs: `train.precision` for training, `clip.precision` for extraction.
 
 fp32  no autocast (any device)
 bf16  torch.autocast to bfloat16 (CUDA with bf16 support, or CPU); same exponent range as
@@ -9,43 +9,22 @@ fp16  torch.autocast to float16 (CUDA only) with a GradScaler: small fp16 gradie
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from cmhash.config import choose
 from cmhash.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-CUDA_NAME = re.compile(r"cuda(:\d+)?")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; ConfigError otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if not CUDA_NAME.fullmatch(name):
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                          "use device: cuda or a smaller index")
-    return device
-
 
 class Precision:
     """Autocast, loss scaling and the optimiser step for one precision on one device."""
 
     def __init__(self, name: str, device: torch.device) -> None:
-        self.name = choose(name, DTYPES, "train.precision")
+        self.name = name
         self.device = device
         self.dtype = DTYPES[name]
         if name == "fp16" and device.type != "cuda":
@@ -86,3 +65,16 @@ class Precision:
         # state yet (torch refuses an empty one): it keeps its fresh scaler.
         if state:
             self.scaler.load_state_dict(state)
+
+
+# auto: fp16 autocast on CUDA (CLIP's own inference precision; features are saved as float32
+# anyway), fp32 on CPU, where fp16 is not offered and bf16 is slow without native support.
+AUTO_PRECISION = {"cuda": "fp16", "cpu": "fp32"}
+
+
+def inference_precision(name: str, device: torch.device) -> Precision:
+    """`clip.precision`: auto (fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (CUDA only)."""
+    try:
+        return Precision(AUTO_PRECISION.get(device.type, "fp32") if name == "auto" else name, device)
+    except ConfigError as exc:
+        raise ConfigError(f"clip.precision: {exc}") from None

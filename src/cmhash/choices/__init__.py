@@ -1,0 +1,9 @@
+"""The named choices of params.yaml, one registry each, with every entry's knobs. Pure config:
+nothing here imports torch or the implementations (see cmhash.registry).
+
+losses.py      `loss` and `losses.<name>`                 implementations: cmhash.losses
+archs.py       `model.arch`, `model.<arch>`, `hash_head`   cmhash.models
+schedules.py   `train.schedule`                           cmhash.training.schedule
+optimizers.py  `train.optimizer`                          torch.optim
+datasets.py    `data.name` and `data.<name>`              cmhash.data.datasets
+"""

@@ -1,0 +1,34 @@
+"""Fusion architectures (params.yaml `model.arch`), each with its knobs in `model.<arch>`; and the
+hash heads' knobs (`hash_head`), read by task 1 only."""
+
+from __future__ import annotations
+
+from cmhash.registry import Registry
+from cmhash.sections import Count, Probability, Section
+
+ARCHS = Registry("fusion architecture")
+
+
+@ARCHS.register("reference", "cmhash.models:ReferenceFusion")
+class Transformer(Section):
+    """concat(image, text) as one token -> TransformerEncoder (the public code)."""
+
+    d_model: Count | None = None  # None: 2 x the CLIP feature dim (reference: 1024 for ViT-B-32)
+    nhead: Count = 4
+    num_layers: Count = 2
+    dim_feedforward: Count = 2048
+    dropout: Probability = 0.1  # transformer layers (attention, feed-forward, residuals)
+
+
+@ARCHS.register("cross_attention", "cmhash.models:CrossAttentionFusion")
+class CrossAttention(Transformer):
+    """Per-modality transformers, then cross-attention within each pair."""
+
+    attention_dropout: Probability = 0.1  # on the cross-attention weights
+
+
+class HashHead(Section):
+    """The image and text hash heads (task 1)."""
+
+    hidden: Count = 4096
+    dropout: Probability = 0.3

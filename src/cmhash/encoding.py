@@ -1,0 +1,112 @@
+"""CLIP encoding: images and captions to float32 features, in batches, on a device and in a
+precision, with images decoded in DataLoader worker processes. Used by `extract` for whole
+collections and by search for queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cmhash.clip import Clip
+from cmhash.precision import Precision
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers; a bad file yields a reason instead of a tensor."""
+
+    def __init__(self, paths: list[str], preprocess) -> None:
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as im:
+                return i, self.preprocess(im.convert("RGB")), ""
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return i, None, f"unreadable image: {type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, reason) for i, x, reason in batch if x is None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return idx, images, bad
+
+
+def chunks(seq: Sequence, size: int) -> list:
+    return [seq[start : start + size] for start in range(0, len(seq), size)]
+
+
+def no_progress(n: int) -> None:
+    pass
+
+
+@dataclass
+class Encoder:
+    """CLIP on a device, in a precision (autocast), fed by `num_workers` processes that decode images."""
+
+    clip: Clip
+    device: torch.device
+    batch_size: int = 128
+    num_workers: int = 0
+    precision: Precision | None = None  # None: fp32
+
+    def _autocast(self):
+        return self.precision.autocast() if self.precision else nullcontext()
+
+    @torch.no_grad()
+    def image_batches(self, paths: list[str], batches: list[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Per batch of positions into `paths`: the positions decoded, their features [n, D] float32,
+        and (position, reason) for each image that could not be decoded."""
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(paths, self.clip.preprocess), batch_sampler=batches, num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+        )
+        for idx, images, bad in loader:
+            feats = np.zeros((0, self.clip.dim), dtype=np.float32)
+            if images is not None:
+                with self._autocast():
+                    feats = self.clip.model.encode_image(images.to(self.device, non_blocking=True)).float().cpu().numpy()
+            yield idx.numpy(), feats, bad
+
+    @torch.no_grad()
+    def captions(self, captions: list[str]) -> np.ndarray:
+        """Text features [n, D] float32 of one batch of captions."""
+        if not captions:
+            return np.zeros((0, self.clip.dim), dtype=np.float32)
+        with self._autocast():
+            return self.clip.model.encode_text(self.clip.tokenizer(captions).to(self.device)).float().cpu().numpy()
+
+
+def encode_images(clip: Clip, paths: list[str], device: torch.device, batch_size: int, num_workers: int, advance=no_progress):
+    """Image features [N, D] float32 (None if no image decodes), a decoded mask, and
+    (position, reason) for each image that could not be decoded."""
+    encoder = Encoder(clip, device, batch_size, num_workers)
+    feats_all = np.zeros((len(paths), clip.dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    bad: list[tuple[int, str]] = []
+    for idx, feats, failed in encoder.image_batches(paths, chunks(list(range(len(paths))), batch_size)):
+        feats_all[idx], ok[idx] = feats, True
+        bad += failed
+        advance(len(idx) + len(failed))
+    return (feats_all if ok.any() else None), ok, bad
+
+
+def encode_captions(clip: Clip, captions: list[str], device: torch.device, batch_size: int, advance=no_progress) -> np.ndarray:
+    """Text features [N, D] float32."""
+    encoder = Encoder(clip, device, batch_size)
+    feats = [np.zeros((0, clip.dim), dtype=np.float32)]
+    for chunk in chunks(captions, batch_size):
+        feats.append(encoder.captions(chunk))
+        advance(len(chunk))
+    return np.concatenate(feats)
+
+

@@ -1,0 +1,148 @@
+"""Index a collection into packed binary codes, and search an index (the Searcher: loaded once,
+one query a call): both encode exactly as the pipeline did (CLIP from the same seed and weights,
+then the hash model under the strict protocol), so query and database codes are comparable."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cmhash.config import ClipConfig
+from cmhash.device import resolve_device
+from cmhash.errors import CmhashError, ConfigError, DataError
+from cmhash.search.encoder import ClipEncoder, HashModel, load_hash_model
+from cmhash.search.index import CodeIndex, CodeStore, code_store, hamming_topk, pack_codes
+from cmhash.search.queries import QueryError
+from cmhash.search.sources import SOURCES, Sources
+
+log = logging.getLogger("cmhash")
+
+OTHER = {"image": "text", "text": "image"}  # a query of one modality searches the other
+
+
+def build_index(source: str, value: Any, *, device_name: str, seed: int, clip: ClipConfig, bits: int,
+                hash_dir: Path, features_dir: Path, prepare_dir: Path, out_dir: Path, store: CodeStore) -> None:
+    """`seed` and `clip` are params.yaml's (the seed extract drew CLIP from; batch size and workers);
+    `store` keeps the codes (FAISS files by default, or Milvus)."""
+    device = resolve_device(device_name)
+    if bits % 8:
+        raise ConfigError(f"--bits {bits}: binary indexes need a multiple of 8 bits")
+    checkpoint = hash_dir / str(bits) / "model.pt"
+    if not checkpoint.is_file():
+        raise DataError(f"no {bits}-bit hash model: {checkpoint} not found; run `cmhash train-hash` (or `dvc repro`) first")
+    hash_model = load_hash_model(checkpoint, device)
+    if hash_model.bits != bits:
+        raise DataError(f"{checkpoint} makes {hash_model.bits}-bit codes, not {bits}")
+    # The seed extract drew a random-init CLIP from: params' `seed`, unless the model recorded its own.
+    clip_settings = {"seed": seed, **hash_model.clip_settings}
+    ctx = Sources(hash_model, clip_settings, device, clip.batch_size, clip.num_workers, features_dir, prepare_dir)
+    collection = SOURCES[source](value, ctx)
+    packed = {m: pack_codes(hash_model.codes(f, m)) for m, f in collection.features.items()}
+    meta = {"bits": bits, "source": {source: str(value)},
+            "model": {"checkpoint": str(checkpoint), "sha256": hash_model.sha256},
+            "clip": ctx.encoder.settings}
+    replaced = _backend_of(out_dir)
+    CodeIndex.save(out_dir, meta, collection.items, packed, store)
+    if replaced:
+        try:
+            code_store(replaced).retire(replaced)
+        except CmhashError as exc:  # the new index is in place; the old codes are only garbage now
+            log.warning("could not drop the replaced index's codes: %s", exc)
+    log.info("indexed %d item(s) (%s codes, %d bits) into %s", len(collection.items), " + ".join(sorted(packed)), bits, out_dir)
+
+
+def _backend_of(index_dir: Path) -> dict[str, Any] | None:
+    """The `backend` entry of the index about to be replaced, if there is a readable one."""
+    try:
+        return CodeIndex.load_meta(index_dir).get("backend")
+    except CmhashError:
+        return None
+
+
+def _check_model(code_index: CodeIndex, hash_model: HashModel, index_dir: Path) -> None:
+    built_with = code_index.meta["model"]
+    if hash_model.bits != code_index.bits:
+        raise DataError(f"model/index mismatch: {hash_model.checkpoint} makes {hash_model.bits}-bit codes but {index_dir} holds "
+                        f"{code_index.bits}-bit codes; use --model {built_with['checkpoint']} "
+                        f"or rebuild with `cmhash index --bits {hash_model.bits}`")
+    if hash_model.sha256 != built_with["sha256"]:
+        raise DataError(f"model/index mismatch: {hash_model.checkpoint} is not the model {index_dir} was built with "
+                        "(sha256 differs: retrained since?); rebuild the index with `cmhash index`")
+
+
+def _searched(code_index: CodeIndex, modality: str, index_dir: Path) -> str:
+    """The modality a query of `modality` searches, if the index holds its codes."""
+    target = OTHER[modality]
+    if target not in code_index.codes:
+        held = " and ".join(code_index.codes)
+        instead = {"text": "a caption (--text)", "image": "an image (--image)"}[target]
+        raise QueryError(f"{index_dir} holds only {held} codes but a {modality} query searches {target} codes; "
+                         f"search with {instead} instead, or build an index with {target}s (`cmhash index --split retrieval`)")
+    return target
+
+
+@dataclass
+class Searcher:
+    """An index with its hash model and CLIP encoder, loaded once; `search_text` and `search_image`
+    answer one query each. `cmhash search` asks one question, `cmhash serve` many, from worker
+    threads: encoding holds a lock (one query through the models at a time, with all of torch's
+    threads), the code search after it does not."""
+
+    index: CodeIndex
+    index_dir: Path
+    hash_model: HashModel
+    encoder: ClipEncoder
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(cls, index_dir: Path, model: Path | None = None, device: str = "cpu", modality: str | None = None) -> Searcher:
+        """`model`: default, the one the index was built with. `modality`: the kind of query to come,
+        checked against the index before the models load."""
+        code_index = CodeIndex.load(index_dir)
+        if modality:
+            _searched(code_index, modality, index_dir)
+        torch_device = resolve_device(device)
+        hash_model = load_hash_model(model or Path(code_index.meta["model"]["checkpoint"]), torch_device)
+        _check_model(code_index, hash_model, index_dir)
+        hash_model.model.eval()
+        return cls(code_index, Path(index_dir), hash_model, ClipEncoder.load(code_index.meta["clip"], torch_device))
+
+    def search_text(self, text: str, top: int) -> dict[str, Any]:
+        """The `top` (>= 1) nearest images to a caption: a JSON-ready dict."""
+        return self._search("text", text, top, lambda: self.encoder.captions([text]))
+
+    def search_image(self, image: Image.Image, name: str, top: int) -> dict[str, Any]:
+        """The `top` (>= 1) nearest captions to a decoded image (`name`: its path or file name)."""
+        return self._search("image", name, top, lambda: self.encoder.image(image))
+
+    def _search(self, modality: str, shown: str, top: int, features: Callable[[], np.ndarray]) -> dict[str, Any]:
+        target = _searched(self.index, modality, self.index_dir)
+        with self.lock, torch.inference_mode():
+            code = pack_codes(self.hash_model.codes(features(), modality))
+        dist, rows = hamming_topk(self.index.codes[target], code, top)
+        items = self.index.items
+        results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]} for rank, (d, r) in enumerate(zip(dist[0], rows[0]), 1)]
+        return {"query": {modality: shown}, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
+                "clip": self.clip, "results": results}
+
+    @property
+    def clip(self) -> dict[str, Any]:
+        return {k: self.index.meta["clip"].get(k) for k in ("clip_model", "pretrained", "random_init")}
+
+    def info(self) -> dict[str, Any]:
+        """What is being searched: the index, its codes, the models; a notice if CLIP is random-init."""
+        meta = self.index.meta
+        notice = ("codes come from a random-init CLIP (pretrained: none): results test the pipeline, not the method"
+                  if self.clip["random_init"] else None)
+        return {"index": str(self.index_dir), "count": len(self.index.items), "bits": self.index.bits,
+                "modalities": sorted(self.index.codes), "source": meta["source"], "backend": self.index.backend["name"],
+                "model": {"checkpoint": str(self.hash_model.checkpoint), "sha256": self.hash_model.sha256},
+                "clip": {**self.clip, "seed": meta["clip"].get("seed")}, "notice": notice}

@@ -1,0 +1,393 @@
+"""`cmhash serve`: the API answers what `cmhash search --json` prints, from one loaded Searcher;
+only indexed images are sent; every bad query is a 4xx JSON error and the server goes on;
+concurrent clients get their own answers while the event loop stays free; the real command binds
+127.0.0.1 and stops cleanly.
+
+The tiny pipeline and its split index are built once per session (`served`); test_browser.py
+and test_milvus.py import these fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from fastapi.testclient import TestClient
+
+from cmhash.data.manifest import read_split
+from cmhash.search.engine import Searcher
+from cmhash.serve.app import create_app
+from cmhash.serve.command import listen
+from cmhash.serve.files import IndexedImages
+from cmhash.serve.limits import Limits
+
+PIPELINE = ("prepare", "extract", "train-fusion", "train-hash", "evaluate")
+CMHASH = Path(sys.executable).with_name("cmhash")
+_BUILT: dict = {}  # one tiny pipeline and one loaded Searcher for the whole session (every module that imports this)
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def served(params, invoke, tmp_path_factory, monkeypatch) -> Path:
+    """The tiny pipeline (conftest `params`) and `cmhash index --split retrieval`, built once; the
+    working directory is its folder (item paths are relative to it). Tests only read it."""
+    if "root" not in _BUILT:
+        root = tmp_path_factory.mktemp("served")
+        monkeypatch.chdir(root)
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        for command in PIPELINE:
+            ok(invoke(command, "--params", "params.yaml"))
+        ok(invoke("index", "--split", "retrieval", "--params", "params.yaml"))
+        _BUILT["root"] = root
+    monkeypatch.chdir(_BUILT["root"])
+    return Path("stages/index")
+
+
+@pytest.fixture
+def searcher(served) -> Searcher:
+    if "searcher" not in _BUILT:
+        _BUILT["searcher"] = Searcher.load(served)
+    return _BUILT["searcher"]
+
+
+@pytest.fixture
+def client(searcher) -> TestClient:
+    return TestClient(create_app(searcher))
+
+
+def query_items() -> list:
+    return read_split(Path("stages/prepare/query.jsonl"))
+
+
+@pytest.fixture
+def live_server(served):
+    """The real `cmhash serve --port 0` in a subprocess: yields its URL; then Ctrl+C (SIGINT) must
+    stop it cleanly: uvicorn's shutdown, exit code 130 (the shell's code for Ctrl+C), no traceback."""
+    proc = subprocess.Popen([str(CMHASH), "serve", "--index-dir", str(served), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("serving ") for line in lines):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("cmhash serve did not start:\n" + "".join(lines))
+            time.sleep(0.1)
+        yield next(line for line in lines if line.startswith("serving ")).split(" on ")[1].split()[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert code == 130 and "Application shutdown complete" in log and "Traceback" not in log, log
+
+
+# ---------------------------------------------------------------- the same answers as the CLI
+
+
+@pytest.mark.slow
+def test_the_api_answers_exactly_what_the_cli_prints(client, invoke):
+    """Text by GET and by POST JSON, images by multipart upload: the JSON of `cmhash search --json`,
+    ties in the same order (the tiny 16-bit codes tie a lot: rows in the results share distances)."""
+    items = query_items()
+    for item in items[:4]:
+        cli = json.loads(ok(invoke("search", "--text", item.caption, "-k", 15, "--json")).stdout)
+        assert client.get("/api/search", params={"text": item.caption, "k": 15}).json() == cli
+        assert client.post("/api/search", json={"text": item.caption, "k": 15}).json() == cli
+        distances = [r["distance"] for r in cli["results"]]
+        assert len(set(distances)) < len(distances)  # ties were there to order
+    for item in items[:3]:
+        cli = json.loads(ok(invoke("search", "--image", item.image, "-k", 12, "--json")).stdout)
+        with open(item.image, "rb") as f:
+            answer = client.post("/api/search", files={"image": (Path(item.image).name, f, "image/png")}, data={"k": "12"}).json()
+        assert answer == {**cli, "query": {"image": Path(item.image).name}}  # the upload's name instead of the CLI's path
+    assert client.get("/api/search", params={"text": "a red circle"}).json()["results"][-1]["rank"] == 10  # default k
+
+
+@pytest.mark.slow
+def test_info_and_health(client, served):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/api/info").json()
+    meta = json.loads((served / "index.json").read_text())
+    assert info["bits"] == 16 and info["count"] == meta["count"] == 60 and info["modalities"] == ["image", "text"]
+    assert info["backend"] == "faiss" and info["source"] == {"split": "retrieval"}
+    assert info["model"] == meta["model"]
+    assert info["clip"] == {"clip_model": "cmhash-tiny", "pretrained": "none", "random_init": True, "seed": 2023}
+    assert "random-init CLIP" in info["notice"]
+    assert info["limits"] == {"max_upload_bytes": 10 * 2**20, "max_pixels": None, "max_text_chars": 1000, "max_k": 100, "default_k": 10}
+    page = client.get("/")
+    assert page.status_code == 200 and "cmhash search" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
+
+
+# ---------------------------------------------------------------- item images
+
+
+@pytest.mark.slow
+def test_item_images_come_only_from_the_index(client, searcher):
+    first = searcher.index.items[0]["image"]
+    answer = client.get("/api/items/0/image")
+    assert answer.status_code == 200 and answer.content == Path(first).read_bytes()
+    assert answer.headers["content-type"] == "image/png" and answer.headers["x-content-type-options"] == "nosniff"
+    for row in ("60", "999999999999", "-1", "abc", "0x1", "1.0", "%2e%2e", "..%2F..%2Fetc%2Fpasswd", "..%2Fstages%2Findex%2Findex.json",
+                "%C2%B2", "0%00"):
+        refused = client.get(f"/api/items/{row}/image")
+        assert refused.status_code == 404, row
+        assert "error" in refused.json()
+    assert client.get("/api/items/../../../etc/passwd").status_code == 404
+
+
+def test_links_out_of_the_indexed_folders_are_refused(tmp_path):
+    """A listed image that is a symlink: sent if it resolves inside an indexed root, 404 otherwise."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (photos / "a.png", photos / "sub" / "b.png", elsewhere / "secret.png"):
+        path.write_bytes(b"\x89PNG...")
+    (photos / "sub" / "up.png").symlink_to(photos / "a.png")  # out of sub/, still inside photos/
+    (photos / "out.png").symlink_to(elsewhere / "secret.png")
+    (photos / "passwd.png").symlink_to("/etc/passwd")
+    listed = [photos / "a.png", photos / "sub" / "b.png", photos / "sub" / "up.png", photos / "out.png", photos / "passwd.png"]
+    items = [{"id": str(i), "image": str(path)} for i, path in enumerate(listed)] + [{"id": "c", "caption": "no image"}]
+
+    by_folder = IndexedImages(items, {"images": str(photos)})
+    assert [by_folder.path(str(row)) for row in range(6)] == [photos / "a.png", photos / "sub" / "b.png", photos / "a.png", None, None, None]
+    by_parents = IndexedImages(items, {"split": "retrieval"})  # roots: the folders the listed paths are in
+    assert by_parents.path("3") is None and by_parents.path("4") is None and by_parents.path("2") == photos / "a.png"
+    (photos / "a.png").unlink()
+    assert by_folder.path("0") is None and by_folder.path("2") is None  # gone since indexing
+
+
+@pytest.mark.slow
+def test_an_indexed_folder_with_a_link_out_of_it(served, invoke, searcher, tmp_path):
+    """End to end: `cmhash index --images` follows links when it encodes, but the server still
+    refuses to send a linked file that lies outside the folder."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    photos.mkdir()
+    elsewhere.mkdir()
+    sources = sorted(Path("stages/prepare/images").glob("*.png"))[:3]
+    for path in sources[:2]:
+        shutil.copy(path, photos / path.name)
+    shutil.copy(sources[2], elsewhere / "private.png")
+    (photos / "zz_link.png").symlink_to(elsewhere / "private.png")
+    ok(invoke("index", "--images", photos, "--params", "params.yaml", "--out-dir", tmp_path / "photo_index"))
+    app = TestClient(create_app(Searcher.load(tmp_path / "photo_index")))
+    names = [Path(item["image"]).name for item in Searcher.load(tmp_path / "photo_index").index.items]
+    assert names == [sources[0].name, sources[1].name, "zz_link.png"]
+    assert app.get("/api/items/0/image").content == sources[0].read_bytes()
+    assert app.get("/api/items/2/image").status_code == 404
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit grey) around a few bytes of data: what a
+    decompression bomb looks like before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.slow
+def test_each_bad_query_is_a_4xx_json_error_and_the_server_goes_on(searcher):
+    client = TestClient(create_app(searcher, Limits(max_upload_bytes=20_000, max_text_chars=200, max_k=50)), raise_server_exceptions=False)
+    good_image = Path(searcher.index.items[0]["image"]).read_bytes()
+
+    def upload(data: bytes, name: str = "q.png", **form):
+        return client.post("/api/search", files={"image": (name, data, "image/png")}, data=form)
+
+    bad = {
+        "upload over the size limit": (upload(good_image + b"\0" * 30_000), 413, "over the limit of 20,000 bytes"),
+        "body over the size limit (Content-Length)": (client.post("/api/search", content=b"x" * 100_000, headers={
+            "content-type": "multipart/form-data; boundary=x"}), 413, "over the limit"),
+        "JSON over its size limit": (client.post("/api/search", json={"text": "a" * 200_000}), 413, "over the limit"),
+        "not an image": (upload(b"hello, not a picture", "notes.txt"), 415, "cannot read image notes.txt"),
+        "an empty file": (upload(b""), 415, "cannot read image"),
+        "a truncated image": (upload(good_image[: len(good_image) // 2]), 415, "cannot read image"),
+        "a bomb past Pillow's limit": (upload(png(10_000, 10_000)), 413, "10000x10000 = 100,000,000 pixels"),
+        "a bomb past twice Pillow's limit": (upload(png(40_000, 40_000)), 413, "too large to decode"),
+        "an empty caption": (client.get("/api/search", params={"text": ""}), 400, "text is empty"),
+        "a whitespace caption": (client.post("/api/search", json={"text": " \t\n "}), 400, "text is empty"),
+        "a control-character caption": (client.get("/api/search", params={"text": "\x00\x07\x1b\u200b"}), 400, "text is empty"),
+        "a caption over the length limit": (client.get("/api/search", params={"text": "a" * 201}), 400, "201 characters long; the limit is 200"),
+        "k = 0": (client.get("/api/search", params={"text": "a ring", "k": 0}), 400, "k must be at least 1 (got 0)"),
+        "k < 0": (client.post("/api/search", json={"text": "a ring", "k": -3}), 400, "k must be at least 1 (got -3)"),
+        "k over the maximum": (client.get("/api/search", params={"text": "a ring", "k": 51}), 400, "k must be at most 50 (got 51)"),
+        "k not a number": (client.get("/api/search", params={"text": "a ring", "k": "ten"}), 400, 'k must be a whole number (got "ten")'),
+        "k a boolean": (client.post("/api/search", json={"text": "a ring", "k": True}), 400, "k must be a whole number (got true)"),
+        "k a fraction on an upload": (upload(good_image, k="2.5"), 400, "k must be a whole number"),
+        "no caption": (client.get("/api/search"), 400, "give a caption"),
+        "a caption that is not a string": (client.post("/api/search", json={"text": 123}), 400, "give a caption"),
+        "invalid JSON": (client.post("/api/search", content=b"{text:", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        "JSON that is not an object": (client.post("/api/search", json=["a ring"]), 400, "must be an object"),
+        "a form without the image": (client.post("/api/search", files={"photo": ("q.png", good_image)}), 400, "no file in an `image` field"),
+        "two files": (client.post("/api/search", files=[("image", ("a.png", good_image)), ("image", ("b.png", good_image))]), 400,
+                      "bad multipart form"),
+        "another content type": (client.post("/api/search", content=b"a ring", headers={"content-type": "text/plain"}), 415, "not text/plain"),
+    }
+    for case, (answer, status, message) in bad.items():
+        assert answer.status_code == status, (case, answer.text)
+        assert message in answer.json()["error"], (case, answer.json())
+        assert len(answer.json()["error"].splitlines()) == 1, case
+    strict = TestClient(create_app(searcher, Limits(max_pixels=1000)))  # our own pixel limit, under Pillow's
+    assert strict.post("/api/search", files={"image": ("q.png", good_image)}).status_code == 413
+
+    assert client.get("/api/search", params={"text": "a red circle", "k": 50}).status_code == 200
+    found = upload(good_image, k="3").json()
+    assert found["searched"] == "text" and len(found["results"]) == 3
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_query_the_index_cannot_answer(searcher, served, invoke, tmp_path):
+    Path(tmp_path / "captions.txt").write_text("a red heart\na blue ring\n")
+    ok(invoke("index", "--captions", tmp_path / "captions.txt", "--params", "params.yaml", "--out-dir", tmp_path / "caption_index"))
+    client = TestClient(create_app(Searcher.load(tmp_path / "caption_index")))
+    refused = client.get("/api/search", params={"text": "a heart"})
+    assert refused.status_code == 400 and "holds only text codes" in refused.json()["error"]
+    assert client.get("/api/items/0/image").status_code == 404  # a captions index has no images
+    with open(searcher.index.items[0]["image"], "rb") as f:
+        assert len(client.post("/api/search", files={"image": ("q.png", f)}).json()["results"]) == 2
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_the_same_queries_in_one_line(served, invoke, one_line_error, tmp_path):
+    assert "--text is empty" in one_line_error(invoke("search", "--text", "\x07\x1b"))
+    assert "limit is 1,000" in one_line_error(invoke("search", "--text", "a" * 1001))
+    (tmp_path / "bomb.png").write_bytes(png(40_000, 40_000))
+    assert "too large to decode" in one_line_error(invoke("search", "--image", tmp_path / "bomb.png"))
+    (tmp_path / "big.png").write_bytes(png(10_000, 10_000))
+    assert "100,000,000 pixels, over the limit" in one_line_error(invoke("search", "--image", tmp_path / "big.png"))
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@pytest.fixture
+def uvicorn_url(searcher):
+    """The app under a real uvicorn on 127.0.0.1 (an ephemeral port), in a thread of this process,
+    on the socket `cmhash serve` makes."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.mark.slow
+def test_concurrent_clients_each_get_their_own_answer(searcher, uvicorn_url):
+    """8 clients at once, each a mix of caption and image queries, against a live server: every
+    answer equals the one the searcher gives alone."""
+    items = query_items()
+    queries = [("text", item.caption) for item in items] + [("image", item.image) for item in items]
+    with httpx.Client(base_url=uvicorn_url, timeout=60) as one:
+        expected = {q: ask(one, *q) for q in queries}
+
+    def client_run(offset: int) -> list[tuple]:
+        with httpx.Client(base_url=uvicorn_url, timeout=60) as http:
+            return [(q, ask(http, *q)) for q in queries[offset:] + queries[:offset]]
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(client_run, range(0, 8 * 3, 3)))
+    assert sum(len(run) for run in runs) == 8 * len(queries)
+    for run in runs:
+        for query, answer in run:
+            assert answer == expected[query], query
+
+
+@pytest.mark.slow
+def test_small_responses_are_not_held_back(uvicorn_url):
+    """With Nagle's algorithm on, each response on a kept-alive connection waited for the client's
+    delayed ACK: 40 ms for /healthz instead of 2."""
+    with httpx.Client(base_url=uvicorn_url) as http:
+        took = []
+        for _ in range(21):
+            start = time.perf_counter()
+            http.get("/healthz")
+            took.append(time.perf_counter() - start)
+    assert sorted(took)[10] < 0.030
+
+
+def ask(http: httpx.Client, modality: str, query: str) -> dict:
+    if modality == "text":
+        answer = http.get("/api/search", params={"text": query, "k": 7})
+    else:
+        with open(query, "rb") as f:
+            answer = http.post("/api/search", files={"image": (Path(query).name, f)}, data={"k": "7"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+@pytest.mark.slow
+def test_the_event_loop_answers_while_queries_encode(searcher, monkeypatch):
+    """Searches run in worker threads: with three slow ones in flight, /healthz still answers at once."""
+    slow = Searcher(searcher.index, searcher.index_dir, searcher.hash_model, searcher.encoder)
+    monkeypatch.setattr(slow, "search_text", lambda text, top: (time.sleep(1.5), searcher.search_text(text, top))[1])
+    app = create_app(slow)
+
+    async def run() -> tuple[float, list]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cmhash") as http:
+            searches = [asyncio.create_task(http.get("/api/search", params={"text": f"a ring {i}"})) for i in range(3)]
+            await asyncio.sleep(0.2)
+            start = time.perf_counter()
+            health = await http.get("/healthz")
+            waited = time.perf_counter() - start
+            assert health.status_code == 200 and not any(task.done() for task in searches)
+            return waited, await asyncio.gather(*searches)
+
+    waited, answers = asyncio.run(run())
+    assert waited < 0.5
+    assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.mark.slow
+def test_the_serve_command(live_server):
+    assert live_server.startswith("http://127.0.0.1:")  # the default: this machine only
+    with httpx.Client(base_url=live_server, timeout=30) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/api/info").json()["count"] == 60
+        assert http.get("/api/search", params={"text": ""}).status_code == 400
+        assert len(http.get("/api/search", params={"text": "a blue ring", "k": 4}).json()["results"]) == 4
+
+
+def test_serve_errors_are_one_line(invoke, one_line_error, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "no index in nowhere" in one_line_error(invoke("serve", "--index-dir", "nowhere", "--port", 0))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(invoke("serve", "--port", port))
+    assert "--port 70000" in one_line_error(invoke("serve", "--port", 70000))
+    assert "--max-k must be at least 1" in one_line_error(invoke("serve", "--max-k", 0, "--port", 0))
+    assert "--max-upload-mb must be above 0" in one_line_error(invoke("serve", "--max-upload-mb", 0))
