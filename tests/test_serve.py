@@ -240,6 +240,7 @@ def test_each_bad_query_is_a_4xx_json_error_and_the_server_goes_on(searcher):
         "k not a number": (client.get("/api/search", params={"text": "a ring", "k": "ten"}), 400, 'k must be a whole number (got "ten")'),
         "k a boolean": (client.post("/api/search", json={"text": "a ring", "k": True}), 400, "k must be a whole number (got true)"),
         "k a fraction on an upload": (upload(good_image, k="2.5"), 400, "k must be a whole number"),
+        "k a list": (client.post("/api/search", json={"text": "a ring", "k": [5]}), 400, "k must be a whole number (got [5])"),
         "no caption": (client.get("/api/search"), 400, "give a caption"),
         "a caption that is not a string": (client.post("/api/search", json={"text": 123}), 400, "give a caption"),
         "invalid JSON": (client.post("/api/search", content=b"{text:", headers={"content-type": "application/json"}), 400, "not valid JSON"),
@@ -259,6 +260,16 @@ def test_each_bad_query_is_a_4xx_json_error_and_the_server_goes_on(searcher):
     assert client.get("/api/search", params={"text": "a red circle", "k": 50}).status_code == 200
     found = upload(good_image, k="3").json()
     assert found["searched"] == "text" and len(found["results"]) == 3
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_an_unexpected_failure_is_a_500_in_json(searcher, monkeypatch):
+    broken = Searcher(searcher.index, searcher.index_dir, searcher.hash_model, searcher.encoder)
+    monkeypatch.setattr(broken, "search_text", lambda text, top: 1 / 0)
+    client = TestClient(create_app(broken), raise_server_exceptions=False)
+    failed = client.get("/api/search", params={"text": "a ring"})
+    assert failed.status_code == 500 and failed.json() == {"error": "internal error (ZeroDivisionError); see the server log"}
     assert client.get("/healthz").status_code == 200
 
 
