@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def params() -> dict:
     """The repository's params.yaml shrunk to test size; same keys, so tests catch missing ones."""
+    return tiny_params()
+
+
+def tiny_params() -> dict:
+    """What the `params` fixture returns, for module-scoped fixtures that cannot use it."""
     p = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
     p["device"] = "cpu"
     p["bits"] = [16, 32]

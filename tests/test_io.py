@@ -27,7 +27,7 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"image": _RunsCode()}))
-    with pytest.raises(DataError, match="refusing to load"):
+    with pytest.raises(DataError, match="refused to load"):
         load_pickle(tmp_path / "evil.pkl")
     assert not (tmp_path / "pwned.txt").exists()
 

@@ -42,6 +42,9 @@ def _one_line_errors(fn: Callable) -> Callable:
         except CmhashError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a disk fault outside the atomic writers (they raise DiskError)
+            typer.secho(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -15,6 +15,7 @@ import open_clip
 import torch
 
 from cmhash.errors import ConfigError
+from cmhash.safeload import unpickling_error
 from cmhash.seeding import seed_everything
 
 log = logging.getLogger("cmhash")
@@ -101,12 +102,9 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
     try:
         with _held_logs():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
         # torch.load(weights_only=True) refuses a file that would run code when unpickled, or is not a checkpoint.
-        raise ConfigError(
-            f"cannot load CLIP checkpoint {weights}: not a plain weights file (it is read with weights_only=True, "
-            "which refuses pickled objects other than tensors and plain containers)"
-        ) from None
+        raise unpickling_error(weights, exc) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if weights is not None and not Path(weights).is_file():
             raise ConfigError(
@@ -114,10 +112,20 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
                 "the local file as clip.pretrained, or use none"
             ) from None
         raise ConfigError(f"cannot load CLIP weights {weights}: {str(exc).splitlines()[0]}") from None
+    except (KeyError, IndexError, AttributeError, TypeError) as exc:  # open_clip indexes into whatever a foreign file holds
+        raise ConfigError(f"cannot load CLIP weights {weights}: not an open_clip checkpoint of {model_name} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
     model.eval()
     meta["preprocess"] = repr(preprocess)
     dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     return Clip(model, preprocess, open_clip.get_tokenizer(model_name), dim, meta)
+
+
+def caption_is_cut(clip: Clip, caption: str) -> bool:
+    """Whether CLIP's tokenizer cuts `caption` to its context length (77 tokens for most models),
+    so the end of it is not encoded. False when the tokenizer cannot say (not open_clip's own)."""
+    encode, context = getattr(clip.tokenizer, "encode", None), getattr(clip.tokenizer, "context_length", None)
+    return bool(encode and context) and len(encode(caption)) + 2 > context  # + start and end tokens
 
 
 def load_seeded_clip(model_name: str, pretrained: str, seed: int, device: torch.device) -> Clip:

@@ -11,3 +11,11 @@ class ConfigError(CmhashError):
 
 class DataError(CmhashError):
     """Missing, unreadable or inconsistent input data."""
+
+
+class DiskError(CmhashError):
+    """An output could not be written (read-only folder, full disk); the previous one is kept."""
+
+    def __init__(self, path, reason: OSError | str) -> None:
+        self.path, self.reason = path, reason if isinstance(reason, str) else reason.strerror or str(reason)
+        super().__init__(f"cannot write {path}: {self.reason}")

@@ -8,45 +8,136 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from cmhash.errors import DataError
+from cmhash.errors import DataError, DiskError
+from cmhash.safeload import refused
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o22)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+# mkstemp and mkdtemp make private files (0600) and folders (0700); what we write is an output
+# like any other, so it gets the permissions the umask gives a plainly created file or folder.
+UMASK = _read_umask()
+
+
+# While a stage's outputs are written (all_or_nothing), each finished file or folder waits here as
+# (land, discard) until the last one is written, so a failure part-way keeps every previous output.
+_pending: ContextVar[list[tuple[Callable[[], None], Callable[[], None]]] | None] = ContextVar("pending", default=None)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Inside the block, atomic_path and atomic_dir land only when the whole block succeeds."""
+    pending: list[tuple[Callable[[], None], Callable[[], None]]] = []
+    token = _pending.set(pending)
+    try:
+        yield
+        while pending:
+            _finish(*pending.pop(0))
+    finally:
+        _pending.reset(token)
+        for _, discard in pending:
+            discard()
+
+
+def _finish(land: Callable[[], None], discard: Callable[[], None]) -> None:
+    try:
+        land()
+    finally:
+        discard()  # a no-op once landed; else the temporary file or folder goes
+
+
+def _land(land: Callable[[], None], discard: Callable[[], None]) -> None:
+    pending = _pending.get()
+    if pending is None:
+        _finish(land, discard)
+    else:
+        pending.append((land, discard))
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+    Whatever fails - the block, or the disk under it - the temporary file goes and `path` stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~UMASK)
+        os.close(fd)
         yield Path(tmp)
+    except OSError as exc:  # the block only writes tmp: any OS error is a failed write of `path`
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise DiskError(path, exc) from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    _land(lambda: _replace(tmp, path), lambda: Path(tmp).unlink(missing_ok=True))
+
+
+def _replace(tmp: str | Path, path: Path) -> None:
+    try:
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except OSError as exc:
+        raise DiskError(path, exc) from None
 
 
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield an empty folder next to `path`; it replaces `path` (and all it held) only if the block
-    succeeds, so a failed run leaves the previous folder untouched."""
+    succeeds, so a failed run leaves the previous folder untouched. Errors of the block pass as
+    they are (it may read and write elsewhere); the folder's own steps fail as DiskError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise DiskError(path, exc) from None
+    try:
+        tmp.chmod(0o777 & ~UMASK)
         yield tmp
-        old = tmp.with_suffix(".old")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (inner := _file_in(tmp, exc)) is not None:  # name the output, not the temporary folder
+            raise DiskError(path / inner, exc.reason if isinstance(exc, DiskError) else exc) from None
+        raise
+    _land(lambda: _swap(tmp, path), lambda: shutil.rmtree(tmp, ignore_errors=True))
+
+
+def _file_in(folder: Path, exc: BaseException) -> Path | None:
+    """The file under `folder` that a failed write names, if it names one there."""
+    named = exc.path if isinstance(exc, DiskError) else exc.filename if isinstance(exc, OSError) else None
+    if named is None or not Path(named).is_relative_to(folder):
+        return None
+    return Path(named).relative_to(folder)
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    old = tmp.with_suffix(".old")
+    try:
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)  # put the previous folder back
+            raise
+    except OSError as exc:
+        raise DiskError(path, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -77,11 +168,30 @@ _SAFE_GLOBALS = {
 _SAFE_DTYPE_MODULES = {"numpy.dtypes"}  # numpy>=1.25 pickles dtypes as numpy.dtypes.Float32DType etc.
 
 
+class _Refused(pickle.UnpicklingError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+    """What `_codecs.encode` does in a pickle of protocol < 3 (it stores bytes as latin-1 text, so
+    arrays from protocol-2-era code need it); anything else it could be asked to do is refused."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 str (an array's raw bytes) stays byte for byte
+
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in _SAFE_GLOBALS or (module in _SAFE_DTYPE_MODULES and name.endswith("DType")):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays and plain containers are allowed")
+        raise _Refused(f"{module}.{name}")
 
 
 def load_pickle(path: Path | str) -> Any:
@@ -92,5 +202,7 @@ def load_pickle(path: Path | str) -> Any:
     try:
         with path.open("rb") as f:
             return _RestrictedUnpickler(io.BufferedReader(f)).load()
+    except _Refused as exc:
+        raise refused(path, f"a reference to {exc.name}") from None
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DataError(f"cannot load {path}: {exc}") from None
+        raise DataError(f"cannot load {path}: not a readable pickle ({exc})") from None

@@ -29,6 +29,7 @@ from cmhash.choices.archs import ARCHS, CrossAttention, Transformer
 from cmhash.choices.archs import HashHead as HashHeadKnobs
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
+from cmhash.safeload import save_state, torch_load
 from cmhash.sections import Count, Section
 
 PROTOCOLS = ("strict", "paired")
@@ -204,17 +205,14 @@ def encode(model: CrossModalHasher, image: Tensor, text: Tensor, protocol: str, 
 def save_checkpoint(path: Path, model: CrossModalHasher, **extra: Any) -> None:
     # The config goes in as plain data: weights_only loading admits no pydantic objects.
     with atomic_path(path) as tmp:
-        torch.save({"config": model.config.model_dump(), "state_dict": model.state_dict(), **extra}, tmp)
+        save_state(tmp, {"config": model.config.model_dump(), "state_dict": model.state_dict(), **extra})
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[CrossModalHasher, dict[str, Any]]:
-    """Rebuild a model from its checkpoint. weights_only=True: loading never runs code from the file."""
+    """Rebuild a model from its checkpoint. Loading never runs code from the file (safeload)."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint not found: {path} (run the stage that writes it first)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe file
-        raise DataError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    ckpt = torch_load(path, device)
     if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= ckpt.keys():
         raise DataError(f"{path} is not a cmhash model checkpoint (no config and state_dict); re-run the stage that writes it")
     try:

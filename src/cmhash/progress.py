@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,7 +33,8 @@ class _Rate(ProgressColumn):
 @contextmanager
 def progress_bar(description: str, total: int, unit: str = "it") -> Iterator[_Advance]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), _Rate(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
+    # stderr, like the logs: stdout holds only results (`cmhash search --json | jq`, `| head`)
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=total, unit=unit)
         yield _Advance(progress, task)
 

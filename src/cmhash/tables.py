@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
+from textwrap import shorten
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-
-from cmhash.models import PROTOCOLS
 
 # direction -> (query side, database side), as evaluate names its encoded sets
 DIRECTIONS = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
@@ -27,10 +26,11 @@ PROTOCOL_TITLES = {"strict": "strict protocol (each modality alone)", "paired": 
 def paper_tables(tables: dict[str, MapTable], bits: list[int], note: str | None) -> list[Table]:
     """One table per protocol (narrow enough for an 80-column log): rows are code lengths, then
     the real-valued and chance rows; columns are direction x MAP@K."""
-    metrics = list(tables[file_stem(bits[0])][PROTOCOLS[0]]["i2t"])
+    protocols = list(tables[file_stem(bits[0])])
+    metrics = list(tables[file_stem(bits[0])][protocols[0]]["i2t"])
     rows = [(str(b), file_stem(b)) for b in bits] + [("real-valued", "real_valued"), ("chance", "chance")]
     result = []
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         table = Table(title=f"MAP, {PROTOCOL_TITLES[protocol]}")
         table.add_column("bits", no_wrap=True)
         for direction in DIRECTIONS:
@@ -46,15 +46,17 @@ def paper_tables(tables: dict[str, MapTable], bits: list[int], note: str | None)
 
 
 SHOWN = {"image": "image", "text": "caption"}  # the item field a result of each modality shows
+QUERY_ECHO_CHARS = 80
 
 
 def search_table(found: dict[str, Any]) -> Table:
     (modality, query), = found["query"].items()
     shown = SHOWN[found["searched"]]
-    note = "Hamming ties broken by database index (lower first)"
+    notes = ["Hamming ties broken by database index (lower first)", *found.get("notes", [])]
     if found["clip"].get("random_init"):
-        note += "; random-init CLIP features: these results test the pipeline, not the method"
-    table = Table(title=f"{found['searched']}s nearest to {modality} {escape(repr(query))} ({found['bits']}-bit Hamming)", caption=note)
+        notes.append("random-init CLIP features: these results test the pipeline, not the method")
+    echo = escape(repr(shorten(query, QUERY_ECHO_CHARS, placeholder=" …")))  # the query in full is in --json
+    table = Table(title=f"{found['searched']}s nearest to {modality} {echo} ({found['bits']}-bit Hamming)", caption="; ".join(notes))
     with_labels = any(r.get("labels") for r in found["results"])
     for name, justify in (("rank", "right"), ("distance", "right"), ("id", "left"), (shown, "left")) + ((("labels", "left"),) if with_labels else ()):
         table.add_column(name, justify=justify, overflow="fold")  # a long path wraps whole, never cut to "…"

@@ -1,7 +1,7 @@
 """Stage `evaluate`: every query against the whole database, both directions, both protocols.
 
 reads   stages/extract/{query,retrieval}.pkl, stages/fusion/model.pt, stages/hash/<bits>/model.pt
-writes  (under metrics/, git-tracked; key names are stable and documented in the README)
+writes  (under metrics/, git-tracked; key names are stable and documented in docs/evaluation.md)
         map.json                   all of the below in one file: {"<bits>": ..., "tie_aware": {"<bits>": ...},
                                    "real_valued": ..., "chance": ...}, what `dvc metrics diff` compares
         map/<bits>.json            MAP of the Hamming ranking (ties by database index)
@@ -34,12 +34,9 @@ import typer
 from rich.console import Console
 
 from cmhash.config import EvaluateConfig, Params, load_params
-from cmhash.device import resolve_device
 from cmhash.evaluation import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import chance_map, cosine_map, mean_average_precision, tie_aware_map
-from cmhash.features import load_features
-from cmhash.io import atomic_dir, atomic_path, write_json
-from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
+from cmhash.io import all_or_nothing, atomic_dir, atomic_path, write_json
 from cmhash.options import ParamsOption
 from cmhash.tables import DIRECTIONS, MapTable, file_stem, paper_tables
 
@@ -86,13 +83,22 @@ def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label
 
 def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_dir: Path, fusion_path: Path, hash_dir: Path,
         out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
+    from cmhash.device import resolve_device
+    from cmhash.features import check_width, load_features
+    from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
+
     device = resolve_device(device_name)
     topk = (*cfg.topk, None)
     precision_at = cfg.precision_at
     query, db = load_features(features_dir / "query.pkl", device), load_features(features_dir / "retrieval.pkl", device)
+    # every model is loaded and checked against the features before any output is written
+    checkpoints = {None: fusion_path, **{bits: hash_dir / str(bits) / "model.pt" for bits in bits_list}}
+    models = {bits: load_checkpoint(path, device)[0] for bits, path in checkpoints.items()}
+    for bits, model in models.items():
+        for name, features in (("query.pkl", query), ("retrieval.pkl", db)):
+            check_width(features, features_dir / name, checkpoints[bits], model.config.feature_dim)
     q_label, db_label = query.label.cpu().numpy(), db.label.cpu().numpy()
     ns = sorted({min(n, len(db_label)) for n in precision_at})  # N beyond the database = all of it
-    _save_npz(out_dir / "labels.npz", query=q_label.astype(np.uint8), retrieval=db_label.astype(np.uint8))
 
     info: dict[str, Any] = {
         "features": {k: query.meta.get(k) for k in ("dataset", "clip_model", "pretrained", "random_init")},
@@ -114,14 +120,13 @@ def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_di
 
     chance = _named(chance_map(q_label, db_label, topk=topk))  # depends on the labels only
     tables: dict[str, MapTable] = {"chance": {p: dict.fromkeys(DIRECTIONS, chance) for p in PROTOCOLS}}
-    fusion, _ = load_checkpoint(fusion_path, device)
-    embeddings = {p: outputs(fusion, p, lambda x: x.float().cpu().numpy()) for p in PROTOCOLS}
+    embeddings = {p: outputs(models[None], p, lambda x: x.float().cpu().numpy()) for p in PROTOCOLS}
     tables["real_valued"] = table(embeddings, lambda q, d: cosine_map(q, d, q_label, db_label, topk=topk))
 
     curves: dict[str, list[dict]] = defaultdict(list)  # <kind>/<protocol>-<direction>.json -> rows
+    packed: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # bits -> protocol -> packed codes
     for bits in bits_list:
-        model, _ = load_checkpoint(hash_dir / str(bits) / "model.pt", device)
-        codes = {p: outputs(model, p, lambda x: to_codes(x).cpu().numpy()) for p in PROTOCOLS}
+        codes = {p: outputs(models[bits], p, lambda x: to_codes(x).cpu().numpy()) for p in PROTOCOLS}
         stem = file_stem(bits)
         tables[stem] = table(codes, lambda q, d: mean_average_precision(q, d, q_label, db_label, topk=topk))
         tables[f"tie_aware/{stem}"] = table(codes, lambda q, d: tie_aware_map(q, d, q_label, db_label, topk=topk))
@@ -129,13 +134,17 @@ def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_di
             for direction, (q, d) in DIRECTIONS.items():
                 for kind, rows in curve_rows(bits, out[q], out[d], q_label, db_label, ns).items():
                     curves[f"{kind}/{protocol}-{direction}.json"] += rows
-        for protocol, named in codes.items():
-            _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **{n: np.packbits(c > 0, axis=1) for n, c in named.items()})
+        packed[bits] = {p: {n: np.packbits(c > 0, axis=1) for n, c in named.items()} for p, named in codes.items()}
 
-    write_json(metrics_dir / "map.json", one_file(tables, bits_list))
-    replace_dir(metrics_dir / "map", {f"{name}.json": content for name, content in tables.items()})
-    replace_dir(metrics_dir / "curves", curves)
-    write_json(metrics_dir / "evaluate.json", info)
+    with all_or_nothing():  # a failure part-way keeps every previous output, not a mix
+        _save_npz(out_dir / "labels.npz", query=q_label.astype(np.uint8), retrieval=db_label.astype(np.uint8))
+        for bits, per_protocol in packed.items():
+            for protocol, named in per_protocol.items():
+                _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **named)
+        write_json(metrics_dir / "map.json", one_file(tables, bits_list))
+        replace_dir(metrics_dir / "map", {f"{name}.json": content for name, content in tables.items()})
+        replace_dir(metrics_dir / "curves", curves)
+        write_json(metrics_dir / "evaluate.json", info)
     Console().print(*paper_tables(tables, bits_list, note))
     return {"map": tables, "evaluate": info, "curves": dict(curves)}
 

@@ -2,7 +2,7 @@
 
 reads   stages/prepare/{split}.jsonl, labels.json, the images
 writes  stages/extract/{train,val,query,retrieval}.pkl  {'image','text','label','ids', ...metadata}
-        stages/extract/skipped.jsonl (images that could not be decoded), metrics/extract.json
+        stages/extract/skipped.jsonl (id, image path and reason of each undecodable image), metrics/extract.json
 work    stages/extract_shards/ (next to the output folder, not a DVC output, so DVC leaves it when it
         re-runs the stage): every `clip.shard_size` pairs are saved there as they finish; a re-run
         after an interruption reuses the shards whose settings and pairs match and encodes the rest.
@@ -16,19 +16,12 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 
-from cmhash.clip import load_seeded_clip, weights_sha256
 from cmhash.config import ClipConfig, Params, load_params
-from cmhash.data.manifest import SPLITS, multi_hot, read_split
-from cmhash.device import resolve_device
-from cmhash.encoding import Encoder
+from cmhash.data.manifest import SPLITS, read_split
 from cmhash.errors import DataError
-from cmhash.extraction import extract_pairs
-from cmhash.io import atomic_write_text, save_pickle, write_json
 from cmhash.options import ParamsOption
-from cmhash.precision import inference_precision
 from cmhash.shards import ShardStore, fingerprint
 
 log = logging.getLogger("cmhash")
@@ -67,6 +60,16 @@ def shard_folder(out_dir: Path) -> Path:
 
 
 def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, prepare_dir: Path, out_dir: Path, metrics_path: Path) -> None:
+    import numpy as np
+
+    from cmhash.clip import load_seeded_clip, weights_sha256
+    from cmhash.data.manifest import multi_hot
+    from cmhash.device import resolve_device
+    from cmhash.encoding import Encoder
+    from cmhash.extraction import extract_pairs
+    from cmhash.io import all_or_nothing, atomic_write_text, save_pickle, write_json
+    from cmhash.precision import inference_precision
+
     device = resolve_device(device_name)
     precision = inference_precision(clip_cfg.precision, device)
     data = dataset_info(prepare_dir)
@@ -89,29 +92,31 @@ def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, pre
     log.info("extract: %d pairs in %d shard(s), %d reused; encoded %d pairs at %.0f pairs/s (%s, %s)", len(unique), encoded.shards,
              encoded.reused, encoded.encoded_pairs, encoded.encoded_pairs / max(encoded.seconds, 1e-9), device, precision.name)
 
-    counts = {}
-    for split, items in splits.items():
-        rows = np.array([position[it.id] for it in items if encoded.ok[position[it.id]]], dtype=np.int64)
-        kept = [unique[r] for r in rows]
-        save_pickle(out_dir / f"{split}.pkl", {
-            "image": encoded.image[rows],
-            "text": encoded.text[rows],
-            "label": multi_hot(kept, len(data["label_names"])),
-            "ids": [it.id for it in kept],
-            "split": split,
-            **data,
-            **meta,
+    with all_or_nothing():  # a failure part-way keeps the previous feature files, not a mix
+        counts = {}
+        for split, items in splits.items():
+            rows = np.array([position[it.id] for it in items if encoded.ok[position[it.id]]], dtype=np.int64)
+            kept = [unique[r] for r in rows]
+            save_pickle(out_dir / f"{split}.pkl", {
+                "image": encoded.image[rows],
+                "text": encoded.text[rows],
+                "label": multi_hot(kept, len(data["label_names"])),
+                "ids": [it.id for it in kept],
+                "split": split,
+                **data,
+                **meta,
+            })
+            counts[split] = len(kept)
+        skipped = ({"id": s.id, "image": unique[position[s.id]].image, "reason": s.reason} for s in encoded.skipped)
+        atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps(row) + "\n" for row in skipped))
+        if encoded.skipped:
+            log.warning("skipped %d undecodable image(s); see %s", len(encoded.skipped), out_dir / "skipped.jsonl")
+        write_json(metrics_path, {
+            "clip_model": meta["clip_model"], "pretrained": meta["pretrained"], "random_init": meta["random_init"],
+            "weights": weights_note(meta), "precision": precision.name,
+            "dataset": data["dataset"], "dataset_version": data["dataset_version"],
+            "items": counts, "skipped_images": len(encoded.skipped),
         })
-        counts[split] = len(kept)
-    atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in encoded.skipped))
-    if encoded.skipped:
-        log.warning("skipped %d undecodable image(s); see %s", len(encoded.skipped), out_dir / "skipped.jsonl")
-    write_json(metrics_path, {
-        "clip_model": meta["clip_model"], "pretrained": meta["pretrained"], "random_init": meta["random_init"],
-        "weights": weights_note(meta), "precision": precision.name,
-        "dataset": data["dataset"], "dataset_version": data["dataset_version"],
-        "items": counts, "skipped_images": len(encoded.skipped),
-    })
     store.clear()
 
 

@@ -16,11 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from cmhash.config import Data, Params, load_params
-from cmhash.data.datasets import build_collection
-from cmhash.data.datasets.common import NO_LABEL
-from cmhash.data.manifest import make_splits, write_label_names, write_split
 from cmhash.errors import DataError
-from cmhash.io import atomic_write_text
 from cmhash.options import ParamsOption
 
 log = logging.getLogger("cmhash")
@@ -33,6 +29,11 @@ def reads(p: Params) -> dict[str, Any]:
 
 
 def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+    from cmhash.data.datasets import build_collection
+    from cmhash.data.datasets.common import NO_LABEL
+    from cmhash.data.manifest import make_splits, write_label_names, write_split
+    from cmhash.io import all_or_nothing, atomic_write_text
+
     name, opts = data.name, data.options
     collection = build_collection(name, Path(data.root), opts, out_dir, seed)
     # Pairs without a label are the field's protocol filter, not bad data: reported, never fatal.
@@ -42,11 +43,16 @@ def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
     if not collection.items:
         raise DataError(f"dataset '{name}' has no usable pairs under {data.root}")
 
-    splits = make_splits(len(collection.items), query=opts.query, train=opts.train, val=opts.val, seed=seed)
-    for split, rows in splits.items():
-        write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])
-    write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts.model_dump(), seed=seed)
-    atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in collection.skipped))
+    sizes = {"query": opts.query, "train": opts.train, "val": opts.val}
+    if sum(sizes.values()) > len(collection.items):
+        given = " + ".join(f"data.{name}.{split} {size}" for split, size in sizes.items())
+        raise DataError(f"split sizes {given} exceed the {len(collection.items)} usable pairs; make them smaller")
+    splits = make_splits(len(collection.items), **sizes, seed=seed)
+    with all_or_nothing():  # a failure part-way keeps the previous manifests, not a mix
+        for split, rows in splits.items():
+            write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])
+        write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts.model_dump(), seed=seed)
+        atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in collection.skipped))
     counts = {split: len(rows) for split, rows in splits.items()}
     log.info("prepare %s: %s pairs, %d labels; splits %s", name, len(collection.items), len(collection.label_names), counts)
     if collection.skipped:

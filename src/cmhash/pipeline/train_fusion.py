@@ -14,7 +14,7 @@ import typer
 
 from cmhash.config import Params, load_params
 from cmhash.options import ParamsOption
-from cmhash.training.task import TaskSettings, open_live, train_task
+from cmhash.training.settings import TaskSettings
 
 
 def reads(p: Params) -> dict[str, Any]:
@@ -30,6 +30,11 @@ def command(
     checkpoints: Annotated[Path, typer.Option(help="an unfinished run's state (last.pt, best.pt), to resume from.")] = Path("checkpoints/fusion"),
 ) -> None:
     """Task 0: train the fusion transformer; keep the checkpoint with the best val MAP."""
-    settings = TaskSettings.of(load_params(params), "fusion")  # a config mistake stops before any output is touched
+    run(TaskSettings.of(load_params(params), "fusion"), features_dir, out, metrics_dir, checkpoints)
+
+
+def run(settings: TaskSettings, features_dir: Path, out: Path, metrics_dir: Path, checkpoints: Path) -> None:
+    from cmhash.training.task import open_live, train_task
+
     with open_live(metrics_dir) as live:
         train_task(settings, features_dir=features_dir, out_path=out, live=live, checkpoint_dir=checkpoints)

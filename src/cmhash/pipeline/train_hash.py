@@ -15,7 +15,7 @@ import typer
 
 from cmhash.config import Params, load_params
 from cmhash.options import ParamsOption
-from cmhash.training.task import TaskSettings, open_live, train_task
+from cmhash.training.settings import TaskSettings
 
 
 def reads(p: Params) -> dict[str, Any]:
@@ -34,8 +34,14 @@ def command(
 ) -> None:
     """Task 1: train hash heads (and fine-tune fusion) for every code length."""
     p = load_params(params)
-    settings = TaskSettings.of(p, "hash")
+    run(TaskSettings.of(p, "hash"), bits or p.bits, features_dir, fusion, out_dir, metrics_dir, checkpoints)
+
+
+def run(settings: TaskSettings, bits: list[int], features_dir: Path, fusion: Path, out_dir: Path, metrics_dir: Path,
+        checkpoints: Path) -> None:
+    from cmhash.training.task import open_live, train_task
+
     with open_live(metrics_dir) as live:
-        for b in bits or p.bits:
+        for b in bits:
             train_task(settings, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", live=live,
                        checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)

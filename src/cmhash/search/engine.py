@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cmhash.clip import caption_is_cut
 from cmhash.config import ClipConfig
 from cmhash.device import resolve_device
 from cmhash.errors import CmhashError, ConfigError, DataError
@@ -117,13 +118,15 @@ class Searcher:
 
     def search_text(self, text: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest images to a caption: a JSON-ready dict."""
-        return self._search("text", text, top, lambda: self.encoder.captions([text]))
+        notes = [f"the caption was cut to CLIP's context of {self.encoder.clip.tokenizer.context_length} tokens"
+                 ] if caption_is_cut(self.encoder.clip, text) else []
+        return self._search("text", text, top, lambda: self.encoder.captions([text]), notes)
 
     def search_image(self, image: Image.Image, name: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest captions to a decoded image (`name`: its path or file name)."""
-        return self._search("image", name, top, lambda: self.encoder.image(image))
+        return self._search("image", name, top, lambda: self.encoder.image(image), [])
 
-    def _search(self, modality: str, shown: str, top: int, features: Callable[[], np.ndarray]) -> dict[str, Any]:
+    def _search(self, modality: str, shown: str, top: int, features: Callable[[], np.ndarray], notes: list[str]) -> dict[str, Any]:
         target = _searched(self.index, modality, self.index_dir)
         with self.lock, torch.inference_mode():
             code = pack_codes(self.hash_model.codes(features(), modality))
@@ -131,7 +134,7 @@ class Searcher:
         items = self.index.items
         results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]} for rank, (d, r) in enumerate(zip(dist[0], rows[0]), 1)]
         return {"query": {modality: shown}, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
-                "clip": self.clip, "results": results}
+                "clip": self.clip, "notes": notes, "results": results}
 
     @property
     def clip(self) -> dict[str, Any]:

@@ -5,13 +5,13 @@ answer (its `status`) for the server."""
 from __future__ import annotations
 
 import io
-import unicodedata
 import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from cmhash.errors import CmhashError
+from cmhash.text import clean_caption
 
 MAX_TEXT_CHARS = 1000  # CLIP reads 77 tokens; anything much longer is a mistake or abuse
 
@@ -26,7 +26,7 @@ class QueryError(CmhashError):
 
 def check_text(text: str, name: str = "text", max_chars: int = MAX_TEXT_CHARS) -> str:
     """The caption as given, if it has something to encode and is not over `max_chars`."""
-    if not "".join(c for c in text if not unicodedata.category(c).startswith("C")).strip():
+    if not clean_caption(text):  # the rule every caption goes through
         raise QueryError(f"{name} is empty (nothing but whitespace or control characters)")
     if len(text) > max_chars:
         raise QueryError(f"{name} is {len(text):,} characters long; the limit is {max_chars:,}")

@@ -33,6 +33,7 @@ from torch import Tensor
 from cmhash.codedeps import ROOT, closure
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
+from cmhash.safeload import save_state, torch_load
 from cmhash.training.engine import Hook, TrainState
 
 log = logging.getLogger("cmhash")
@@ -105,9 +106,9 @@ class RunFolder:
 
     def restore(self, state: TrainState) -> None:
         try:
-            saved = torch.load(self.last_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad or unsafe file
-            raise DataError(f"cannot load {self.last_path}: {str(exc).splitlines()[0]}; delete {self.folder}/ to start afresh") from None
+            saved = torch_load(self.last_path)
+        except DataError as exc:
+            raise DataError(f"{exc}; delete {self.folder}/ to start afresh") from None
         stored = saved.get("fingerprint", {})
         differ = sorted(k for k in {*stored, *self.fingerprint} if stored.get(k, MISSING) != self.fingerprint.get(k, MISSING))
         if differ:
@@ -125,7 +126,7 @@ class RunFolder:
 
     def __call__(self, state: TrainState) -> None:
         with atomic_path(self.last_path) as tmp:
-            torch.save({
+            save_state(tmp, {
                 "fingerprint": self.fingerprint,
                 "epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch, "stop": state.stop,
                 "model": state.runner.model.state_dict(),
@@ -134,7 +135,7 @@ class RunFolder:
                 "scaler": state.precision.state_dict(),
                 "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")},
                 "rng": rng_state(self.generator),
-            }, tmp)
+            })
 
     def finish(self, out_path: Path) -> None:
         """The best checkpoint becomes the stage's output; the finished run's folder goes."""

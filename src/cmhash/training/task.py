@@ -5,18 +5,18 @@ best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from dvclive import Live
 
-from cmhash.choices.archs import HashHead
-from cmhash.config import FusionTrain, HashTrain, Params, TrainConfig
 from cmhash.device import resolve_device
 from cmhash.errors import ConfigError
-from cmhash.features import load_features
+from cmhash.features import check_width, load_features
+from cmhash.io import atomic_dir
 from cmhash.losses import build_loss, warn_if_small_batch
 from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
 from cmhash.precision import Precision
@@ -26,49 +26,20 @@ from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, Valid
 from cmhash.training.optimizers import build_optimizer
 from cmhash.training.resume import RunFolder, code_digest, tensor_digest
 from cmhash.training.runner import Runner
-from cmhash.training.schedule import ScheduleBase, build_scheduler
+from cmhash.training.schedule import build_scheduler
+from cmhash.training.settings import TaskSettings
 
 log = logging.getLogger("cmhash")
 
-TRAIN_COMMON = [name for name in TrainConfig.model_fields if name not in ("fusion", "hash")]
 
-
-@dataclass(frozen=True)
-class TaskSettings:
-    """Everything one training task reads from params.yaml, and nothing else."""
-
-    seed: int
-    device: str
-    loss: str
-    loss_knobs: Any  # losses.<loss>
-    arch: str
-    arch_knobs: Any  # model.<arch>
-    train: TrainConfig  # its task section is `task`; the other task's is never read
-    task: FusionTrain | HashTrain
-    hash_head: HashHead | None = None  # task 1 only
-
-    @classmethod
-    def of(cls, p: Params, task: str) -> TaskSettings:
-        return cls(p.seed, p.device, p.loss, p.loss_knobs, p.model.arch, p.model.knobs, p.train,
-                   getattr(p.train, task), p.hash_head if task == "hash" else None)
-
-    def reads(self, task: str) -> dict[str, Any]:
-        """As params.yaml keys (dvc.yaml lists exactly these for the task's stage)."""
-        schedule = self.train.schedule
-        keys = {"seed": self.seed, "device": self.device, "loss": self.loss, f"losses.{self.loss}": self.loss_knobs,
-                "model.arch": self.arch, f"model.{self.arch}": self.arch_knobs,
-                **{f"train.{name}": getattr(self.train, name) for name in TRAIN_COMMON if name != "schedule"},
-                **{f"train.schedule.{name}": getattr(schedule, name) for name in ScheduleBase.model_fields},
-                f"train.schedule.{schedule.name}": schedule.knobs, f"train.{task}": self.task}
-        if self.hash_head is not None:
-            keys["hash_head"] = self.hash_head
-        return keys
-
-
-def open_live(folder: Path) -> Live:
+@contextmanager
+def open_live(folder: Path) -> Iterator[Live]:
     """dvclive curves (plots/metrics/) and summary (metrics.json) in `folder`; dvc.yaml, not
-    dvclive, declares them to DVC."""
-    return Live(str(folder), save_dvc_exp=False, dvcyaml=False)
+    dvclive, declares them to DVC. dvclive clears its folder when it starts, so it writes beside
+    `folder`, which it replaces only when the run succeeds: a failed run keeps the last good curves
+    (a resumed run restores the curves logged so far from last.pt)."""
+    with atomic_dir(folder) as tmp, Live(str(tmp), save_dvc_exp=False, dvcyaml=False) as live:
+        yield live
 
 
 def fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor]) -> dict[str, Any]:
@@ -100,6 +71,7 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
     init: list[torch.Tensor] = []
     if init_from is not None:  # task 1 starts from the fusion stage's weights, then fine-tunes them
         upstream, _ = load_checkpoint(init_from, device)
+        check_width(train, features_dir / "train.pkl", init_from, upstream.config.feature_dim)
         if upstream.config.fusion_part() != config.fusion_part():
             raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
         model.fusion.load_state_dict(upstream.fusion.state_dict())

@@ -23,13 +23,13 @@ import numpy as np
 from cmhash.choices.datasets import Coco
 from cmhash.data.datasets.common import (
     ItemSink,
-    clean_caption,
     require_dir,
     require_file,
     require_root,
 )
 from cmhash.data.manifest import Collection
 from cmhash.errors import DataError
+from cmhash.text import clean_caption
 
 PARTS = ("train2014", "val2014")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cmhash.data.manifest import Collection, Item, Skipped
 from cmhash.errors import DataError
+from cmhash.text import clean_caption
 
 # Reasons an item is left out. Stable strings: the skipped report and tests use them.
 DUPLICATE_ID = "duplicate id"
@@ -31,7 +32,7 @@ def require_root(root: Path, dataset: str) -> None:
 
 
 def missing(what: str, path: Path | str) -> LayoutError:
-    return LayoutError(f"{what} not found: {path} (see the README section 'Real datasets' for the expected layout)")
+    return LayoutError(f"{what} not found: {path} (the expected layouts: docs/data.md, Real datasets)")
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -58,11 +59,6 @@ def read_lines(path: Path) -> list[str]:
     if lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]
-
-
-def clean_caption(text: str) -> str:
-    """Collapse runs of whitespace (COCO captions carry newlines, tag lists carry tabs)."""
-    return " ".join(text.split())
 
 
 class ItemSink:

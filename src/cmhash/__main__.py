@@ -1,0 +1,5 @@
+"""`python -m cmhash <command>`: the same as the `cmhash` command."""
+
+from cmhash.cli import app
+
+app(prog_name="cmhash")
