@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin
 
 import pytest
 import yaml
 from click.testing import Result
+from pydantic.fields import FieldInfo
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +89,31 @@ def prepare_and_extract(invoke) -> Callable[[Path], None]:
         assert json.loads((params_file.parent / "metrics/extract.json").read_text())["random_init"] is True
 
     return run
+
+
+# ------------------------------------------------------------------ the config schema, for tests derived from it
+
+
+def with_value(tree: dict, key: str, value: Any) -> dict:
+    """A copy of `tree` (raw params) with the dotted `key` set to `value`."""
+    tree = copy.deepcopy(tree)
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return tree
+
+
+def unpack(annotation: Any) -> tuple[Any, list[Any], bool]:
+    """(base type, its constraint metadata, whether None is allowed) of a schema field's annotation;
+    nested Annotated[...] (Count = Annotated[StrictInt, Field(ge=1)], ...) is flattened."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        base, meta, _ = unpack(inner)
+        return base, meta, True
+    info = FieldInfo.from_annotation(annotation)
+    if info.annotation is annotation:
+        return annotation, list(info.metadata), False
+    base, meta, optional = unpack(info.annotation)
+    return base, [*info.metadata, *meta], optional

@@ -8,9 +8,8 @@ import copy
 import inspect
 import math
 import re
-import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 
 from cmhash.config import MOVED, Params, leaf_keys, load_params, parse_params, section_at, section_type
 from cmhash.errors import ConfigError
+from conftest import unpack, with_value
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -45,20 +45,6 @@ SECTIONS = sections()
 def field_of(key: str) -> FieldInfo:
     *parent, last = key.split(".")
     return section_at(tuple(parent)).model_fields[last]
-
-
-def unpack(annotation: Any) -> tuple[Any, list[Any], bool]:
-    """(base type, its constraint metadata, whether None is allowed) of an annotation; nested
-    Annotated[...] (Count = Annotated[StrictInt, Field(ge=1)], ...) is flattened."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
-        base, meta, _ = unpack(inner)
-        return base, meta, True
-    info = FieldInfo.from_annotation(annotation)
-    if info.annotation is annotation:
-        return annotation, list(info.metadata), False
-    base, meta, optional = unpack(info.annotation)
-    return base, [*info.metadata, *meta], optional
 
 
 def leaf_type(key: str) -> tuple[Any, list[Any], bool]:
@@ -91,17 +77,6 @@ def just_outside(kind: str, bound: Any, base: Any) -> Any:
         return bound
     step = -1 if kind == "ge" else 1
     return bound + step if base is int else math.nextafter(bound, step * math.inf)
-
-
-def with_value(key: str, value: Any, tree: dict | None = None) -> dict:
-    """A copy of the committed params (or `tree`) with `key` set to `value`."""
-    raw = copy.deepcopy(COMMITTED if tree is None else tree)
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    return raw
 
 
 def error_of(raw: dict) -> str:
@@ -170,7 +145,7 @@ def test_wrong_type_names_the_key_and_shows_the_value(key):
     line: `<dotted key> = <value>: <what is wrong>`."""
     base, _, _ = leaf_type(key)
     value = 12345 if is_stringish(base) else "abc"
-    message = error_of(with_value(key, value))
+    message = error_of(with_value(COMMITTED, key, value))
     assert f"params.yaml: {key} = {value!r}: " in message, message
 
 
@@ -209,7 +184,7 @@ def test_bounds_were_found():
 def test_value_just_outside_a_bound_says_what_is_allowed(shown_key, value, shown_value, kind, bound):
     """One line naming the key (list items as key[0]), the value, and the bound it breaks."""
     key = shown_key.removesuffix("[0]")
-    message = error_of(with_value(key, value))
+    message = error_of(with_value(COMMITTED, key, value))
     assert f"params.yaml: {shown_key} = {shown_value!r}: " in message, message
     if kind == "min_length":
         assert f"at least {bound} item" in message, message
@@ -222,7 +197,7 @@ def test_none_is_refused_where_the_schema_does_not_allow_it():
     for key in LEAVES:
         _, _, optional = leaf_type(key)
         if not optional:
-            assert f"{key} = None: " in error_of(with_value(key, None))
+            assert f"{key} = None: " in error_of(with_value(COMMITTED, key, None))
 
 
 # ------------------------------------------------------------------ unknown and misspelled keys
@@ -233,10 +208,10 @@ def test_unknown_key_in_every_section(loc, model):
     """An unknown key is named in full; a near miss of each real key (two letters swapped, or one
     doubled for short keys) suggests exactly that key."""
     prefix = "".join(f"{part}." for part in loc)
-    assert f"unknown key {prefix}zzz_unknown" in error_of(with_value(prefix + "zzz_unknown", 1))
+    assert f"unknown key {prefix}zzz_unknown" in error_of(with_value(COMMITTED, prefix + "zzz_unknown", 1))
     for name in model.model_fields:
         typo = name[0] + name[2] + name[1] + name[3:] if len(name) >= 4 and name[1] != name[2] else name + name[-1]
-        message = error_of(with_value(prefix + typo, 1))
+        message = error_of(with_value(COMMITTED, prefix + typo, 1))
         assert message.endswith(f"unknown key {prefix}{typo}; did you mean {prefix}{name}?"), message
 
 
@@ -252,7 +227,7 @@ def test_unknown_key_in_a_section_without_keys_says_it_has_none(loc):
     """`losses.mse`, `train.schedule.constant`: the message says the section takes no keys
     instead of ending in an empty list ("valid keys here: ")."""
     key = ".".join((*loc, "temperature"))
-    message = error_of(with_value(key, 0.1))
+    message = error_of(with_value(COMMITTED, key, 0.1))
     assert f"unknown key {key}" in message
     assert not message.rstrip().endswith(":") and "no" in message.split(key, 1)[1], message
 
@@ -261,7 +236,7 @@ def test_unknown_key_in_a_section_without_keys_says_it_has_none(loc):
 def test_moved_keys_point_at_their_new_place(old):
     """An old key is refused with its new place, and that place exists in the schema (`<arch>`,
     `<name>` standing for any registered name)."""
-    message = error_of(with_value(old, 1))
+    message = error_of(with_value(COMMITTED, old, 1))
     assert message.endswith(f"unknown key {old}; it is now {MOVED[old]}"), message
     pattern = re.compile(re.sub(r"<\w+>", "[a-z_]+", re.escape(MOVED[old])))
     assert any(pattern.fullmatch(key) for key in LEAVES), f"{MOVED[old]} is no key of the schema"
@@ -282,7 +257,7 @@ def test_moved_keys_point_at_their_new_place(old):
 def test_cross_field_checks_are_one_line(changes, fragments):
     raw = COMMITTED
     for key, value in changes.items():
-        raw = with_value(key, value, raw)
+        raw = with_value(raw, key, value)
     message = error_of(raw)
     assert all(fragment in message for fragment in fragments), message
 

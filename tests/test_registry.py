@@ -4,7 +4,6 @@ it - and an unknown name gets the one message format wherever it is met."""
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from cmhash.choices.schedules import SCHEDULES
 from cmhash.config import Params, parse_params, section_at
 from cmhash.errors import ConfigError
 from cmhash.registry import Registry
+from conftest import with_value
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -39,16 +39,6 @@ KINDS: dict[str, tuple[Registry, str, str | None]] = {
 
 def entries(kind: str) -> list:
     return [pytest.param(entry, id=entry.name) for entry in KINDS[kind][0].entries()]
-
-
-def set_key(tree: dict, key: str, value) -> dict:
-    tree = copy.deepcopy(tree)
-    *parents, last = key.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    return tree
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -75,7 +65,7 @@ def test_every_entry_is_a_valid_params_choice_with_its_own_section(kind):
     knobs class, and params.yaml holds that section."""
     registry, key, section = KINDS[kind]
     for name in registry.names():
-        p = parse_params(set_key(COMMITTED, key, name))
+        p = parse_params(with_value(COMMITTED, key, name))
         assert isinstance(p, Params)
         if section is not None:
             loc = (*section.split("."), name)
@@ -96,7 +86,7 @@ def test_unknown_name_message(kind):
         registry.entry("nope")
     assert str(err.value) == expected
     with pytest.raises(ConfigError) as err:
-        parse_params(set_key(COMMITTED, key, "nope"), where="params.yaml")
+        parse_params(with_value(COMMITTED, key, "nope"), where="params.yaml")
     assert str(err.value) == f"params.yaml: {key} = 'nope': {expected}"
 
 

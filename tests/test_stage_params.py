@@ -12,14 +12,12 @@ import importlib
 import json
 import re
 import shutil
-import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
 from pydantic import AfterValidator, BaseModel
-from pydantic.fields import FieldInfo
 
 from cmhash.choices.archs import ARCHS
 from cmhash.choices.datasets import DATASETS
@@ -29,6 +27,7 @@ from cmhash.choices.schedules import SCHEDULES
 from cmhash.config import Params, leaf_keys, parse_params, section_at
 from cmhash.errors import ConfigError
 from cmhash.registry import Registry
+from conftest import unpack, with_value
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
@@ -44,16 +43,6 @@ CHOICES = {"loss": LOSSES, "model.arch": ARCHS, "train.schedule.name": SCHEDULES
 def get(tree: Any, key: str) -> Any:
     for part in key.split("."):
         tree = tree[part]
-    return tree
-
-
-def with_value(tree: dict, key: str, value: Any) -> dict:
-    tree = copy.deepcopy(tree)
-    *parents, last = key.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[last] = value
     return tree
 
 
@@ -88,19 +77,6 @@ def covered(key: str, params: list[str]) -> bool:
 
 
 # ------------------------------------------------------------------ "another valid value", from the schema
-
-
-def unpack(annotation: Any) -> tuple[Any, list[Any], bool]:
-    """(base type, its constraint metadata, whether None is allowed); nested Annotated flattened."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
-        base, meta, _ = unpack(inner)
-        return base, meta, True
-    info = FieldInfo.from_annotation(annotation)
-    if info.annotation is annotation:
-        return annotation, list(info.metadata), False
-    base, meta, optional = unpack(info.annotation)
-    return base, [*info.metadata, *meta], optional
 
 
 def within(value: float, meta: list[Any]) -> bool:
