@@ -62,34 +62,28 @@ def assert_refused(message: str, path) -> None:
     assert "weights_only" not in message and "\n" not in message  # never suggests turning the check off
 
 
-def test_a_checkpoint_holding_code_is_refused_in_our_words(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "model.pt"
-    torch.save({"config": Exploit(), "state_dict": {}}, path)
-    with pytest.raises(DataError) as err:
-        load_checkpoint(path)
-    assert_refused(str(err.value), path)
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_a_feature_pickle_holding_code_is_refused_in_the_same_words(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "train.pkl"
-    path.write_bytes(pickle.dumps({"image": Exploit()}))
-    with pytest.raises(DataError) as err:
-        load_pickle(path)
-    assert_refused(str(err.value), path)
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_clip_weights_holding_code_are_refused_in_the_same_words(tmp_path, monkeypatch):
+def load_clip_weights(path):
     from cmhash.clip import load_clip
 
+    return load_clip("cmhash-tiny", str(path), torch.device("cpu"))
+
+
+# (file name, how a malicious file of that kind is written, the loader that reads it)
+FILES_HOLDING_CODE = {
+    "checkpoint": ("model.pt", lambda p: torch.save({"config": Exploit(), "state_dict": {}}, p), load_checkpoint),
+    "feature pickle": ("train.pkl", lambda p: p.write_bytes(pickle.dumps({"image": Exploit()})), load_pickle),
+    "CLIP weights": ("weights.pt", lambda p: torch.save({"state_dict": Exploit()}, p), load_clip_weights),
+}
+
+
+@pytest.mark.parametrize("kind", FILES_HOLDING_CODE)
+def test_every_loader_refuses_a_file_holding_code_in_the_same_words(tmp_path, monkeypatch, kind):
+    name, write, load = FILES_HOLDING_CODE[kind]
     monkeypatch.chdir(tmp_path)
-    path = tmp_path / "weights.pt"
-    torch.save({"state_dict": Exploit()}, path)
+    path = tmp_path / name
+    write(path)
     with pytest.raises(DataError) as err:
-        load_clip("cmhash-tiny", str(path), torch.device("cpu"))
+        load(path)
     assert_refused(str(err.value), path)
     assert not (tmp_path / "pwned").exists()
 
