@@ -154,8 +154,8 @@ class Params(Section):
 # ------------------------------------------------------------------ loading and messages
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """params.yaml (with `overrides`, dotted key -> value, applied on top), checked whole."""
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """params.yaml, checked whole."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (run from the repository root or pass --params)")
@@ -165,8 +165,6 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | N
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of parameters")
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
     return parse_params(raw, where=str(path))
 
 
@@ -175,13 +173,6 @@ def parse_params(raw: dict[str, Any], where: str = "params") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {describe(exc)}") from None
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
 
 
 def describe(exc: ValidationError) -> str:

@@ -82,8 +82,5 @@ class Registry:
         """The implementation registered as `name`."""
         return self.entry(name).load()
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
     def __len__(self) -> int:
         return len(self._entries)
