@@ -1,11 +1,12 @@
 # Entry points: `make repro` runs the pipeline, `make test` lints, builds the docs and runs the
-# tests, `make docs` builds the documentation into site/.
+# tests, `make docs` builds the documentation into site/, `make gpu-check` proves the CUDA path
+# on a GPU machine.
 # All create .venv on first use and (re)install the project when pyproject.toml changes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: repro test docs
+.PHONY: repro test docs gpu-check
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,3 +26,9 @@ test: $(INSTALLED)
 
 docs: $(INSTALLED)
 	$(VENV)/bin/mkdocs build --strict
+
+# On a CUDA machine (a few minutes): the CUDA-only tests, the demo pipeline in fp32, bf16 and fp16,
+# and GPU speed; see docs/benchmarks.md. Options go in GPU_CHECK_ARGS, e.g. a CPU smoke run of the
+# script: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"
+gpu-check: $(INSTALLED)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

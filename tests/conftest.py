@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny but complete params.yaml (tiny open_clip config, a few dozen pairs), and
-the `cmhash` command run through Typer's CliRunner."""
+"""Shared fixtures: a tiny but complete params.yaml (tiny open_clip config, a few dozen pairs),
+the `cmhash` command run through Typer's CliRunner, and small synthetic feature files."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import Result
@@ -17,6 +18,28 @@ from pydantic.fields import FieldInfo
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_DIM, SYNTHETIC_CLASSES = 16, 4
+
+
+def synthetic(n: int, seed: int, dim: int = SYNTHETIC_DIM) -> dict:
+    """Pairs whose image and text features both carry their label (fixed per-class prototypes)."""
+    protos = np.random.default_rng(0).standard_normal((2, SYNTHETIC_CLASSES, dim))
+    rng = np.random.default_rng(seed)
+    label = np.eye(SYNTHETIC_CLASSES, dtype=np.uint8)[rng.integers(0, SYNTHETIC_CLASSES, n)]
+    noisy = lambda p: (label @ p + 0.7 * rng.standard_normal((n, dim))).astype(np.float32)  # noqa: E731
+    return {"image": noisy(protos[0]), "text": noisy(protos[1]), "label": label,
+            "clip_model": "synthetic", "pretrained": "none", "random_init": True}
+
+
+@pytest.fixture
+def features_dir(tmp_path: Path) -> Path:
+    """train.pkl (48 pairs) and val.pkl (16) of `synthetic` features."""
+    from cmhash.io import save_pickle
+
+    folder = tmp_path / "features"
+    save_pickle(folder / "train.pkl", synthetic(48, seed=1))
+    save_pickle(folder / "val.pkl", synthetic(16, seed=2))
+    return folder
 
 
 @pytest.fixture

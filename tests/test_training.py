@@ -29,26 +29,9 @@ from cmhash.training.resume import RunFolder
 from cmhash.training.runner import Runner
 from cmhash.training.schedule import build_scheduler
 from cmhash.training.task import TaskSettings, open_live, train_task
+from conftest import SYNTHETIC_CLASSES, SYNTHETIC_DIM, synthetic
 
-D, CLASSES = 16, 4
-
-
-def synthetic(n: int, seed: int, dim: int = D) -> dict:
-    """Pairs whose image and text features both carry their label (fixed per-class prototypes)."""
-    protos = np.random.default_rng(0).standard_normal((2, CLASSES, dim))
-    rng = np.random.default_rng(seed)
-    label = np.eye(CLASSES, dtype=np.uint8)[rng.integers(0, CLASSES, n)]
-    noisy = lambda p: (label @ p + 0.7 * rng.standard_normal((n, dim))).astype(np.float32)  # noqa: E731
-    return {"image": noisy(protos[0]), "text": noisy(protos[1]), "label": label,
-            "clip_model": "synthetic", "pretrained": "none", "random_init": True}
-
-
-@pytest.fixture
-def features_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "features"
-    save_pickle(folder / "train.pkl", synthetic(48, seed=1))
-    save_pickle(folder / "val.pkl", synthetic(16, seed=2))
-    return folder
+D, CLASSES = SYNTHETIC_DIM, SYNTHETIC_CLASSES
 
 
 def model_config(params: dict, bits: int | None = None) -> ModelConfig:

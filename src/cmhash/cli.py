@@ -18,7 +18,9 @@ from cmhash.choices.datasets import DATASETS
 from cmhash.choices.losses import LOSSES
 from cmhash.choices.optimizers import OPTIMIZERS
 from cmhash.choices.schedules import SCHEDULES
+from cmhash.distributed import current_world
 from cmhash.errors import CmhashError, ConfigError
+from cmhash.launch import DISTRIBUTED, one_process, self_launching
 from cmhash.pipeline import evaluate, extract, prepare, train_fusion, train_hash
 from cmhash.search import commands as search
 from cmhash.serve.command import serve
@@ -37,13 +39,15 @@ def _one_line_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        world = current_world()
+        prefix = f"error: rank {world.rank}: " if world.distributed else "error: "  # several ranks may each say why
         try:
             return fn(*args, **kwargs)
         except CmhashError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
+            typer.secho(f"{prefix}{exc}", fg="red", err=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # a disk fault outside the atomic writers (they raise DiskError)
-            typer.secho(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", fg="red", err=True)
+            typer.secho(f"{prefix}{exc.filename}: {exc.strerror}" if exc.filename else f"{prefix}{exc}", fg="red", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -58,7 +62,7 @@ STAGES = {
 }
 TOOLS = {"index": search.index, "search": search.search, "serve": serve}  # use trained codes; not dvc.yaml stages
 for name, command in {**STAGES, **TOOLS}.items():
-    app.command(name)(_one_line_errors(command))
+    app.command(name)(_one_line_errors(self_launching(command) if name in DISTRIBUTED else one_process(name, command)))
 
 REGISTRIES = {"losses": LOSSES, "archs": ARCHS, "schedules": SCHEDULES, "datasets": DATASETS, "optimizers": OPTIMIZERS}
 

@@ -15,6 +15,7 @@ import open_clip
 import torch
 
 from cmhash.errors import ConfigError
+from cmhash.io import file_sha256
 from cmhash.safeload import unpickling_error
 from cmhash.seeding import seed_everything
 
@@ -32,12 +33,6 @@ class Clip:
     tokenizer: Callable  # list[str] -> LongTensor
     dim: int  # feature size of encode_image and encode_text
     meta: dict[str, Any]  # what the features were made with; stored in every feature file
-
-
-def file_sha256(path: Path) -> str:
-    """Digest of a file's bytes: which checkpoint file this is."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -83,14 +78,17 @@ def _held_logs() -> Iterator[None]:
                 handler.handle(record)
 
 
-def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
+def clip_weights(model_name: str, pretrained: str,
+                 keys: tuple[str, str] = ("clip.model", "clip.pretrained")) -> tuple[str | None, dict[str, Any], int]:
+    """Check a CLIP model name and its weights without loading them: the weights to load (None:
+    random init), what features made with them record, and the feature width. `keys`: the params
+    keys of the two, named in messages."""
     open_clip.add_model_config(CONFIG_DIR)
     if model_name not in open_clip.list_models():
-        raise ConfigError(f"unknown CLIP model '{model_name}'; see open_clip.list_models() (e.g. ViT-B-32, cmhash-demo)")
+        raise ConfigError(f"unknown CLIP model '{model_name}' ({keys[0]}); see open_clip.list_models() (e.g. ViT-B-32, cmhash-demo)")
     meta: dict[str, Any] = {"clip_model": model_name, "pretrained": pretrained, "random_init": pretrained == RANDOM_INIT}
     if pretrained == RANDOM_INIT:
         weights = None
-        log.warning("CLIP '%s' has RANDOM weights (clip.pretrained: none): features and MAP say nothing about real CLIP", model_name)
     elif Path(pretrained).is_file():
         weights = pretrained
         meta["checkpoint_sha256"] = file_sha256(Path(pretrained))
@@ -98,7 +96,14 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
         weights = pretrained
     else:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none known"
-        raise ConfigError(f"clip.pretrained '{pretrained}' is neither a file nor a tag of {model_name} ({tags}); or use none")
+        raise ConfigError(f"{keys[1]} '{pretrained}' is neither a file nor a tag of {model_name} ({tags}); or use none")
+    return weights, meta, int(open_clip.get_model_config(model_name)["embed_dim"])
+
+
+def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
+    weights, meta, dim = clip_weights(model_name, pretrained)
+    if weights is None:
+        log.warning("CLIP '%s' has RANDOM weights (clip.pretrained: none): features and MAP say nothing about real CLIP", model_name)
     try:
         with _held_logs():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device, weights_only=True)
@@ -117,7 +122,6 @@ def load_clip(model_name: str, pretrained: str, device: torch.device) -> Clip:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
     model.eval()
     meta["preprocess"] = repr(preprocess)
-    dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     return Clip(model, preprocess, open_clip.get_tokenizer(model_name), dim, meta)
 
 

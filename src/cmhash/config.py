@@ -83,6 +83,7 @@ class HashTrain(Section):
     lr: Positive = 1e-3
     fusion_lr: Positive = 1e-4
     hash_weight: NonNegative = 0.5  # loss = L(embeddings) + hash_weight * L(hash outputs)
+    init: Literal["fusion", "scratch"] = "fusion"  # fusion: start from task 0's model; scratch: a fresh seeded one (the public code)
 
     @property
     def lrs(self) -> list[float]:
@@ -117,6 +118,15 @@ class TrainConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """Several processes (torchrun). Under torchrun its environment decides the world size;
+    without it, nproc_per_node > 1 makes extract/train-fusion/train-hash start themselves so."""
+
+    nproc_per_node: Count = 1  # processes on this machine (one per GPU); 1 = no torchrun
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: Count = 1800  # a collective waiting longer than this fails the job instead of hanging
+
+
 PositiveList = Annotated[list[Count], Field(min_length=1)]
 
 
@@ -143,6 +153,7 @@ class Params(Section):
     model: Model = Model()
     hash_head: HashHead = HashHead()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @property

@@ -1,21 +1,30 @@
-"""Where a stage runs: params.yaml `device` (auto, cpu, cuda or cuda:N) as a torch device."""
+"""Where a stage runs: params.yaml `device` (auto, cpu, cuda or cuda:N) as a torch device. Under
+torchrun each rank takes the GPU of its local rank."""
 
 from __future__ import annotations
 
 import torch
 
+from cmhash.distributed import current_world
 from cmhash.errors import ConfigError
 from cmhash.sections import DEVICE_NAME
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; ConfigError otherwise."""
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; ConfigError otherwise.
+    With several processes, `auto`/`cuda` mean cuda:LOCAL_RANK."""
+    world = current_world()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not DEVICE_NAME.fullmatch(name):
         raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
+    if world.distributed and name != "cuda":
+        raise ConfigError(f"device '{name}' names one GPU for all {world.size} processes; use device: cuda or auto "
+                          "(each rank then takes cuda:LOCAL_RANK)")
+    if world.distributed:
+        name = f"cuda:{world.local_rank}"
     if not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")
     device = torch.device(name)

@@ -1,5 +1,6 @@
 """Extraction in resumable shards: every `shard_size` pairs are encoded and saved to a work
-folder as they finish, so an interrupted run re-encodes only the shards it had not finished."""
+folder as they finish, so an interrupted run re-encodes only the shards it had not finished.
+Under torchrun the shards are shared out among the ranks, and rank 0 collects them from the folder."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cmhash.data.manifest import Item, Skipped
-from cmhash.encoding import Encoder, chunks
+from cmhash.distributed import ONE_PROCESS, World, all_gather_objects
+from cmhash.encoding import Encoder, chunks, no_progress
 from cmhash.errors import DataError
 from cmhash.progress import progress_bar
 from cmhash.shards import ShardStore, fingerprint
@@ -76,19 +79,25 @@ class Encoded:
     skipped: list[Skipped]
     shards: int
     reused: int  # shards found finished in the work folder
-    encoded_pairs: int  # pairs encoded by this run (not reused)
-    seconds: float  # time spent encoding them
+    encoded_pairs: int  # pairs encoded by this run (not reused), by all ranks
+    seconds: float  # time spent encoding them (by the slowest rank)
 
 
 def extract_pairs(encoder: Encoder, items: list[Item], shard_size: int, store: ShardStore, settings_key: str,
-                  fail_on_bad: bool = False) -> Encoded:
+                  fail_on_bad: bool = False, world: World = ONE_PROCESS) -> Encoded | None:
     """Features of every pair, shard by shard: shards already in `store` are reused, every other one
-    is saved there as soon as it is done, so an interrupted run loses at most the shard in flight."""
+    is saved there as soon as it is done, so an interrupted run loses at most the shard in flight.
+    Several processes (torchrun, `world`): rank r encodes shards r, r+W, r+2W... of the plan; once
+    every rank is done, rank 0 reads the others' shards from `store` (a folder every rank sees) and
+    returns the features; the other ranks return None."""
     shards = plan_shards(items, shard_size, settings_key)
-    done = {shard.key: found for shard in shards if (found := store.load(shard.key)) is not None}
+    # Shares fixed by the plan alone: no rank needs to know what the others find finished.
+    mine = shards[world.rank :: world.size]
+    label = f"rank {world.rank} of {world.size}: " if world.distributed else ""
+    done = {shard.key: found for shard in mine if (found := store.load(shard.key)) is not None}
     if done:
-        log.info("extract: reusing %d of %d finished shard(s) from %s", len(done), len(shards), store.folder)
-    pending = [shard for shard in shards if shard.key not in done]
+        log.info("extract: %sreusing %d of %d finished shard(s) from %s", label, len(done), len(mine), store.folder)
+    pending = [shard for shard in mine if shard.key not in done]
     encoded_pairs = sum(len(shard.items) for shard in pending)
 
     def check(shard_result: dict) -> None:
@@ -99,18 +108,44 @@ def extract_pairs(encoder: Encoder, items: list[Item], shard_size: int, store: S
     for shard_result in done.values():
         check(shard_result)
     started = time.perf_counter()
-    with progress_bar("extract", total=encoded_pairs, unit="pair") as advance:
+    with _progress(world, encoded_pairs) as advance:
         for shard, shard_result in _encode_shards(encoder, pending, advance):
             store.save(shard.key, shard_result)
             done[shard.key] = shard_result
             check(shard_result)
     seconds = time.perf_counter() - started
 
+    # Waits for every rank: after it, every shard is in `store`.
+    work = all_gather_objects((len(mine) - len(pending), encoded_pairs, seconds))
+    if not world.main:
+        return None
+    reused, encoded_pairs, seconds = sum(w[0] for w in work), sum(w[1] for w in work), max(w[2] for w in work)
+    for n, shard in enumerate(shards):
+        if shard.key not in done:  # another rank's
+            done[shard.key] = _finished_elsewhere(store, shard, n % world.size, world.size)
     parts = [done[shard.key] for shard in shards]
     image = np.concatenate([np.zeros((0, encoder.clip.dim), np.float32)] + [p["image"] for p in parts])
     text = np.concatenate([np.zeros((0, encoder.clip.dim), np.float32)] + [p["text"] for p in parts])
     ok = np.concatenate([np.zeros(0, bool)] + [p["ok"] for p in parts])
     skipped = [Skipped(item_id, reason) for p in parts for item_id, reason in p["skipped"]]
-    return Encoded(image, text, ok, skipped, len(shards), len(shards) - len(pending), encoded_pairs, seconds)
+    return Encoded(image, text, ok, skipped, len(shards), reused, encoded_pairs, seconds)
+
+
+@contextmanager
+def _progress(world: World, pairs: int) -> Iterator:
+    """One progress bar, rank 0's (several bars redrawn in one terminal garble each other)."""
+    if not world.main:
+        yield no_progress
+        return
+    with progress_bar(f"extract (rank 0 of {world.size})" if world.distributed else "extract", total=pairs, unit="pair") as advance:
+        yield advance
+
+
+def _finished_elsewhere(store: ShardStore, shard: Shard, rank: int, size: int) -> dict[str, Any]:
+    found = store.load(shard.key)
+    if found is None:
+        raise DataError(f"shard {store.path(shard.key)}, encoded by rank {rank} of {size}, is not there: every node "
+                        "must see the same working directory (stages/ on a shared filesystem)")
+    return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -138,6 +139,12 @@ def _swap(tmp: Path, path: Path) -> None:
     except OSError as exc:
         raise DiskError(path, exc) from None
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """Digest of a file's bytes: which file this is (a checkpoint, a source of imported features)."""
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

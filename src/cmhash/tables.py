@@ -56,11 +56,14 @@ def search_table(found: dict[str, Any]) -> Table:
     if found["clip"].get("random_init"):
         notes.append("random-init CLIP features: these results test the pipeline, not the method")
     echo = escape(repr(shorten(query, QUERY_ECHO_CHARS, placeholder=" …")))  # the query in full is in --json
-    table = Table(title=f"{found['searched']}s nearest to {modality} {echo} ({found['bits']}-bit Hamming)", caption="; ".join(notes))
+    what = modality.replace("_", " ")  # "image_of": a query by an indexed item's image code
+    table = Table(title=f"{found['searched']}s nearest to {what} {echo} ({found['bits']}-bit Hamming)", caption="; ".join(notes))
     with_labels = any(r.get("labels") for r in found["results"])
-    for name, justify in (("rank", "right"), ("distance", "right"), ("id", "left"), (shown, "left")) + ((("labels", "left"),) if with_labels else ()):
+    with_shown = any(shown in r for r in found["results"])  # imported features have no image paths or captions
+    columns = (("rank", "right"), ("distance", "right"), ("id", "left")) + (((shown, "left"),) if with_shown else ())
+    for name, justify in columns + ((("labels", "left"),) if with_labels else ()):
         table.add_column(name, justify=justify, overflow="fold")  # a long path wraps whole, never cut to "…"
     for r in found["results"]:
-        user_text = [r["id"], str(r.get(shown, "")), *([", ".join(r.get("labels", []))] if with_labels else [])]
+        user_text = [r["id"], *([str(r.get(shown, ""))] if with_shown else []), *([", ".join(r.get("labels", []))] if with_labels else [])]
         table.add_row(str(r["rank"]), str(r["distance"]), *map(Text, user_text))
     return table

@@ -1,18 +1,29 @@
 """Datasets (params.yaml `data.name`), each with its options in `data.<name>`: the split sizes
-every dataset has, plus its own. `marker` is a path (relative to `data.root`) that only that
-dataset's download layout has; it lets a layout error say which dataset a root does look like."""
+every dataset of images and captions has, plus its own. `marker` is a path (relative to
+`data.root`) that only that dataset's download layout has; it lets a layout error say which
+dataset a root does look like. `precomputed` marks a dataset of feature files (`features`): its
+splits come from the files, and prepare hands extract arrays instead of manifests."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StrictInt, field_validator
+from pydantic import AfterValidator, Field, StrictInt
 
 from cmhash.registry import Registry
 from cmhash.sections import Count, Fraction, Section
 
 DATASETS = Registry("dataset")
 DEMO_MAX_OBJECTS = 4  # more shapes side by side would shrink below recognition at small image sizes
+
+
+def _distinct(names: list[str]) -> list[str]:
+    if len(set(names)) != len(names):
+        raise ValueError("must be null or a list of distinct strings")
+    return names
+
+
+LabelNames = Annotated[list[str], AfterValidator(_distinct)] | None
 
 
 class Splits(Section):
@@ -76,11 +87,34 @@ class Manifest(Splits):
     val: Count = 500
     path: str = "manifest.jsonl"  # relative to data.root (or absolute)
     separator: str = "|"  # between the labels of a CSV cell
-    label_names: list[str] | None = None  # the label vocabulary, in order; None: the sorted labels seen
+    label_names: LabelNames = None  # the label vocabulary, in order; None: the sorted labels seen
 
-    @field_validator("label_names")
-    @classmethod
-    def _distinct(cls, names: list[str] | None) -> list[str] | None:
-        if names is not None and len(set(names)) != len(names):
-            raise ValueError("must be null or a list of distinct strings")
-        return names
+
+class ArrayNames(Section):
+    """Where one split's arrays are in a file that holds every split."""
+
+    image: str
+    text: str
+    label: str
+
+
+class SplitNames(Section):
+    """Array names per split, defaults as most cross-modal hashing repositories ship one .mat file."""
+
+    train: ArrayNames = ArrayNames(image="I_tr", text="T_tr", label="L_tr")
+    val: ArrayNames = ArrayNames(image="I_va", text="T_va", label="L_va")
+    query: ArrayNames = ArrayNames(image="I_te", text="T_te", label="L_te")
+    retrieval: ArrayNames = ArrayNames(image="I_db", text="T_db", label="L_db")
+
+
+@DATASETS.register("features", "cmhash.data.datasets.features:build_features", precomputed=True)
+class Features(Section):
+    """Precomputed CLIP features (.pkl, .npz or .mat files), no images: splits as the files give them."""
+
+    format: Literal["auto", "pickle", "npz", "mat"] = "auto"  # auto: from the files' extensions
+    file: str | None = None  # one file holding every split, relative to data.root; None: <split>.<ext> files, else the only one
+    names: SplitNames = SplitNames()  # array names per split in a one-file layout (per-split files may use image/text/label)
+    val: Count = 500  # when the files have no val split: pairs carved (seeded, disjoint) out of train
+    label_names: LabelNames = None  # the label columns' names, in order; None: label0, label1, ...
+    clip_model: str | None = None  # the open_clip model the features come from (e.g. ViT-B-32); None: unknown
+    pretrained: str | None = None  # its open_clip tag or checkpoint file (e.g. openai); set with clip_model

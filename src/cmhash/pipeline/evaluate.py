@@ -25,9 +25,11 @@ reference does, for comparison with published numbers only.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -35,10 +37,13 @@ from rich.console import Console
 
 from cmhash.config import EvaluateConfig, Params, load_params
 from cmhash.evaluation import pr_curve, precision_at_n
-from cmhash.evaluation.ranking import chance_map, cosine_map, mean_average_precision, tie_aware_map
+from cmhash.evaluation.ranking import Scores, chance_map, cosine_map, mean_average_precision, tie_aware_map
 from cmhash.io import all_or_nothing, atomic_dir, atomic_path, write_json
 from cmhash.options import ParamsOption
 from cmhash.tables import DIRECTIONS, MapTable, file_stem, paper_tables
+
+if TYPE_CHECKING:
+    import torch
 
 RANDOM_INIT_NOTE = "random-init CLIP features on synthetic data: these numbers test the pipeline, not the method"
 
@@ -46,6 +51,16 @@ RANDOM_INIT_NOTE = "random-init CLIP features on synthetic data: these numbers t
 def reads(p: Params) -> dict[str, Any]:
     """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
     return {"device": p.device, "bits": p.bits, "evaluate": p.evaluate}
+
+
+def hamming_map(device: torch.device) -> Callable[..., Scores]:
+    """MAP@K / MAP@all of the Hamming ranking: numpy on CPU (the reference path, so a CPU run's
+    numbers never move), torch on the GPU for a CUDA device (the same numbers, see ranking_torch)."""
+    if device.type != "cuda":
+        return mean_average_precision
+    from cmhash.evaluation.ranking_torch import mean_average_precision_torch
+
+    return functools.partial(mean_average_precision_torch, device=device)
 
 
 def _named(scores: dict[int | None, float]) -> dict[str, float]:
@@ -118,6 +133,7 @@ def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_di
         return {protocol: {direction: _named(score(out[q], out[d])) for direction, (q, d) in DIRECTIONS.items()}
                 for protocol, out in per_protocol.items()}
 
+    hamming = hamming_map(device)
     chance = _named(chance_map(q_label, db_label, topk=topk))  # depends on the labels only
     tables: dict[str, MapTable] = {"chance": {p: dict.fromkeys(DIRECTIONS, chance) for p in PROTOCOLS}}
     embeddings = {p: outputs(models[None], p, lambda x: x.float().cpu().numpy()) for p in PROTOCOLS}
@@ -128,7 +144,7 @@ def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_di
     for bits in bits_list:
         codes = {p: outputs(models[bits], p, lambda x: to_codes(x).cpu().numpy()) for p in PROTOCOLS}
         stem = file_stem(bits)
-        tables[stem] = table(codes, lambda q, d: mean_average_precision(q, d, q_label, db_label, topk=topk))
+        tables[stem] = table(codes, lambda q, d: hamming(q, d, q_label, db_label, topk=topk))
         tables[f"tie_aware/{stem}"] = table(codes, lambda q, d: tie_aware_map(q, d, q_label, db_label, topk=topk))
         for protocol, out in codes.items():
             for direction, (q, d) in DIRECTIONS.items():

@@ -1,12 +1,16 @@
 """Stage `extract`: CLIP features of every image and caption, one .pkl per split.
 
 reads   stages/prepare/{split}.jsonl, labels.json, the images
+        (data.name: features: stages/prepare/features/<split>.npz instead; no CLIP runs, see
+        cmhash.imported_features)
 writes  stages/extract/{train,val,query,retrieval}.pkl  {'image','text','label','ids', ...metadata}
         stages/extract/skipped.jsonl (id, image path and reason of each undecodable image), metrics/extract.json
 work    stages/extract_shards/ (next to the output folder, not a DVC output, so DVC leaves it when it
         re-runs the stage): every `clip.shard_size` pairs are saved there as they finish; a re-run
         after an interruption reuses the shards whose settings and pairs match and encodes the rest.
         Removed once the feature files are written.
+torchrun  rank r encodes shards r, r+W, ... into the work folder; rank 0 alone, once all are done,
+        writes the outputs from them (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ log = logging.getLogger("cmhash")
 
 def reads(p: Params) -> dict[str, Any]:
     """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
-    return {"seed": p.seed, "device": p.device, "data.on_bad_item": p.data.on_bad_item, "clip": p.clip}
+    return {"seed": p.seed, "device": p.device, "data.on_bad_item": p.data.on_bad_item, "clip": p.clip, "distributed": p.distributed}
 
 
 def dataset_info(prepare_dir: Path) -> dict[str, Any]:
@@ -63,13 +67,22 @@ def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, pre
     import numpy as np
 
     from cmhash.clip import load_seeded_clip, weights_sha256
+    from cmhash.data import prepared_features
     from cmhash.data.manifest import multi_hot
     from cmhash.device import resolve_device
+    from cmhash.distributed import current_world
     from cmhash.encoding import Encoder
     from cmhash.extraction import extract_pairs
     from cmhash.io import all_or_nothing, atomic_write_text, save_pickle, write_json
     from cmhash.precision import inference_precision
 
+    world = current_world()
+    if (imported := prepared_features.imported(prepare_dir)) is not None:  # data.name: features: no CLIP to run
+        if not world.main:
+            return None  # nothing to share out: rank 0 writes them
+        from cmhash.imported_features import write_imported
+
+        return write_imported(seed, imported, prepare_dir, out_dir, metrics_path)
     device = resolve_device(device_name)
     precision = inference_precision(clip_cfg.precision, device)
     data = dataset_info(prepare_dir)
@@ -86,11 +99,14 @@ def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, pre
     settings_key = fingerprint(meta, device.type)
     encoder = Encoder(clip, device, clip_cfg.batch_size, clip_cfg.num_workers, precision)
     store = ShardStore(shard_folder(out_dir))
-    encoded = extract_pairs(encoder, unique, clip_cfg.shard_size, store, settings_key, fail_on_bad=on_bad_item == "fail")
+    encoded = extract_pairs(encoder, unique, clip_cfg.shard_size, store, settings_key, fail_on_bad=on_bad_item == "fail", world=world)
+    if encoded is None:
+        return None  # not rank 0: its shards are in the store, where rank 0 reads them
     if not encoded.ok.any():
         raise DataError("no image could be decoded; check the image paths in stages/prepare/*.jsonl")
+    where = f"{world.size} processes, {device.type}" if world.distributed else str(device)
     log.info("extract: %d pairs in %d shard(s), %d reused; encoded %d pairs at %.0f pairs/s (%s, %s)", len(unique), encoded.shards,
-             encoded.reused, encoded.encoded_pairs, encoded.encoded_pairs / max(encoded.seconds, 1e-9), device, precision.name)
+             encoded.reused, encoded.encoded_pairs, encoded.encoded_pairs / max(encoded.seconds, 1e-9), where, precision.name)
 
     with all_or_nothing():  # a failure part-way keeps the previous feature files, not a mix
         counts = {}

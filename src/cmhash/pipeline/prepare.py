@@ -3,6 +3,8 @@
 reads   data.root in the dataset's original layout (nothing for the demo)
 writes  stages/prepare/{train,val,query,retrieval}.jsonl, labels.json, skipped.jsonl
         (+ stages/prepare/images/ for the demo)
+        data.name: features (precomputed features, no images): stages/prepare/features/<split>.npz
+        and labels.json instead (cmhash.data.prepared_features)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cmhash.choices.datasets import DATASETS
 from cmhash.config import Data, Params, load_params
 from cmhash.errors import DataError
 from cmhash.options import ParamsOption
@@ -29,6 +32,8 @@ def reads(p: Params) -> dict[str, Any]:
 
 
 def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+    if DATASETS.entry(data.name).meta.get("precomputed"):
+        return import_features(seed, data, out_dir)
     from cmhash.data.datasets import build_collection
     from cmhash.data.datasets.common import NO_LABEL
     from cmhash.data.manifest import make_splits, write_label_names, write_split
@@ -59,6 +64,21 @@ def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
         reasons = Counter(s.reason for s in collection.skipped)
         log.warning("skipped %d item(s) (%s); see %s", len(collection.skipped),
                     ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()), out_dir / "skipped.jsonl")
+    return counts
+
+
+def import_features(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+    """Feature files checked and normalised into arrays for extract; no manifests, nothing skipped."""
+    from cmhash.data import prepared_features
+    from cmhash.data.datasets import build_collection
+    from cmhash.io import all_or_nothing
+
+    features = build_collection(data.name, Path(data.root), data.options, out_dir, seed)
+    with all_or_nothing():  # a failure part-way keeps the previous arrays, not a mix
+        prepared_features.save(out_dir, features, options=data.options.model_dump(), seed=seed)
+    counts = {split: len(arrays.ids) for split, arrays in features.splits.items()}
+    log.info("prepare features: %s files from %s, %d labels, val %s; splits %s", features.format, data.root,
+             len(features.label_names), features.val, counts)
     return counts
 
 

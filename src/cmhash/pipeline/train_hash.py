@@ -1,6 +1,7 @@
 """Stage `train-hash` (task 1): hash heads on the fusion model, one model per code length.
 
-reads   stages/extract/{train,val}.pkl, stages/fusion/model.pt (initial fusion weights)
+reads   stages/extract/{train,val}.pkl, stages/fusion/model.pt (initial fusion weights; not read with
+        train.hash.init: scratch, which starts from a fresh, seeded fusion model as the public code does)
 writes  stages/hash/<bits>/model.pt (best val MAP), metrics/hash/ (one dvclive folder: curves
         `<bits>/train/loss`..., summary {"<bits>": {...}})
 keeps   checkpoints/hash/<bits>/ while unfinished (git-ignored, not a DVC out): a re-run resumes it
@@ -27,7 +28,7 @@ def command(
     params: ParamsOption = Path("params.yaml"),
     bits: Annotated[list[int] | None, typer.Option(help="code length(s); default: `bits` in params.")] = None,
     features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
-    fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from.")] = Path("stages/fusion/model.pt"),
+    fusion: Annotated[Path, typer.Option(help="task-0 checkpoint to start from, with train.hash.init: fusion.")] = Path("stages/fusion/model.pt"),
     out_dir: Annotated[Path, typer.Option(help="writes <out-dir>/<bits>/model.pt.")] = Path("stages/hash"),
     metrics_dir: Annotated[Path, typer.Option(help="dvclive curves and summary, keyed by code length.")] = Path("metrics/hash"),
     checkpoints: Annotated[Path, typer.Option(help="unfinished runs' state, <checkpoints>/<bits>/, to resume from.")] = Path("checkpoints/hash"),
@@ -41,7 +42,8 @@ def run(settings: TaskSettings, bits: list[int], features_dir: Path, fusion: Pat
         checkpoints: Path) -> None:
     from cmhash.training.task import open_live, train_task
 
+    init_from = fusion if settings.task.init == "fusion" else None  # scratch: the seeded model train_task builds
     with open_live(metrics_dir) as live:
         for b in bits:
             train_task(settings, features_dir=features_dir, out_path=out_dir / str(b) / "model.pt", live=live,
-                       checkpoint_dir=checkpoints / str(b), bits=b, init_from=fusion)
+                       checkpoint_dir=checkpoints / str(b), bits=b, init_from=init_from)

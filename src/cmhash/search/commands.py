@@ -4,6 +4,7 @@ index   reads   a split (stages/extract/<split>.pkl + stages/prepare/<split>.jso
                 or a captions file; stages/hash/<bits>/model.pt
         writes  stages/index/ (see cmhash.search.index), the codes there or in Milvus (--backend milvus)
 search  reads   stages/index/, the hash model it names; prints the nearest codes of the other modality
+                to a caption, an image, or an indexed item's own code (--image-of / --text-of ID)
 """
 
 from __future__ import annotations
@@ -62,31 +63,41 @@ def index(
 def search(
     text: Annotated[str | None, typer.Option(help="a caption to find images for.")] = None,
     image: Annotated[Path | None, typer.Option(help="an image file to find captions for.")] = None,
+    image_of: Annotated[str | None, typer.Option(help="the id of an indexed item: captions nearest to its image's code (nothing encoded).")] = None,
+    text_of: Annotated[str | None, typer.Option(help="the id of an indexed item: images nearest to its caption's code (nothing encoded).")] = None,
     top: Annotated[int, typer.Option("-k", "--top", help="how many results.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON.")] = False,
     index_dir: Annotated[Path, typer.Option(help="the folder `cmhash index` wrote.")] = Path("stages/index"),
     model: Annotated[Path | None, typer.Option(help="hash model; default: the one the index was built with.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
 ) -> None:
-    """Find the nearest images to a caption (--text) or captions to an image (--image) by Hamming distance.
+    """Find the nearest images to a caption (--text) or captions to an image (--image) by Hamming distance;
+    or those nearest to an indexed item's own image or caption code (--image-of ID, --text-of ID).
     Ties are broken by database row (lower first). Loads the models for one query: `cmhash serve` keeps them loaded."""
-    queries = {name: value for name, value in {"text": text, "image": image}.items() if value is not None}
+    given = {"text": text, "image": image, "image_of": image_of, "text_of": text_of}
+    queries = {name: value for name, value in given.items() if value is not None}
     if len(queries) != 1:
-        raise ConfigError("give exactly one of --text \"a caption\" or --image PATH")
-    (modality, query), = queries.items()
+        raise ConfigError("give exactly one of --text \"a caption\", --image PATH, --image-of ID or --text-of ID")
+    (kind, query), = queries.items()
+    modality, item = kind.removesuffix("_of"), kind.endswith("_of")
     from cmhash.search.queries import check_text, check_top, read_image
 
     # Every check on the query comes before the models load (seconds).
     check_top(top, "-k/--top")
-    if modality == "text":
+    if kind == "text":
         check_text(query, "--text")
-    else:
+    elif kind == "image":
         picture = read_image(query, str(query))
     from cmhash.search.engine import Searcher
     from cmhash.tables import search_table
 
-    searcher = Searcher.load(index_dir, model, device, modality)
-    found = searcher.search_text(query, top) if modality == "text" else searcher.search_image(picture, str(query), top)
+    searcher = Searcher.load(index_dir, model, device, modality, item=item)
+    if item:
+        found = searcher.search_item(query, modality, top)
+    elif modality == "text":
+        found = searcher.search_text(query, top)
+    else:
+        found = searcher.search_image(picture, str(query), top)
     if as_json:
         typer.echo(json.dumps(found, indent=2))
     else:

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmhash.clip import Clip, file_sha256, load_seeded_clip, weights_sha256
+from cmhash.clip import Clip, load_seeded_clip, weights_sha256
 from cmhash.encoding import encode_captions, encode_images, no_progress
 from cmhash.errors import DataError
+from cmhash.io import file_sha256
 from cmhash.models import CrossModalHasher, encode, load_checkpoint, to_codes
 
 SLOT = {"image": 0, "text": 1}  # position of each modality in the model's (image, text) inputs and outputs

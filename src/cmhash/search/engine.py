@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def build_index(source: str, value: Any, *, device_name: str, seed: int, clip: C
     packed = {m: pack_codes(hash_model.codes(f, m)) for m, f in collection.features.items()}
     meta = {"bits": bits, "source": {source: str(value)},
             "model": {"checkpoint": str(checkpoint), "sha256": hash_model.sha256},
-            "clip": ctx.encoder.settings}
+            "clip": ctx.clip_record}
     replaced = _backend_of(out_dir)
     CodeIndex.save(out_dir, meta, collection.items, packed, store)
     if replaced:
@@ -90,50 +91,96 @@ def _searched(code_index: CodeIndex, modality: str, index_dir: Path) -> str:
     return target
 
 
+def _has_encoder(code_index: CodeIndex) -> bool:
+    """False for an index of imported features of an unknown CLIP model (data.features.clip_model: null)."""
+    return code_index.meta["clip"].get("clip_model") is not None
+
+
+def _no_encoder(index_dir: Path) -> QueryError:
+    return QueryError(f"{index_dir} was built from imported features of an unknown CLIP model (data.features.clip_model: null): "
+                      "a caption or an image cannot be encoded; query an indexed item instead (cmhash search --image-of ID or --text-of ID)")
+
+
 @dataclass
 class Searcher:
-    """An index with its hash model and CLIP encoder, loaded once; `search_text` and `search_image`
-    answer one query each. `cmhash search` asks one question, `cmhash serve` many, from worker
-    threads: encoding holds a lock (one query through the models at a time, with all of torch's
-    threads), the code search after it does not."""
+    """An index with its hash model and CLIP encoder, loaded once; `search_text`, `search_image` and
+    `search_item` answer one query each. `cmhash search` asks one question, `cmhash serve` many, from
+    worker threads: encoding holds a lock (one query through the models at a time, with all of
+    torch's threads), the code search after it does not. `encoder` is None where there is no CLIP
+    model to encode with (imported features of an unknown one) or none is needed (`item` queries)."""
 
     index: CodeIndex
     index_dir: Path
     hash_model: HashModel
-    encoder: ClipEncoder
+    encoder: ClipEncoder | None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, index_dir: Path, model: Path | None = None, device: str = "cpu", modality: str | None = None) -> Searcher:
+    def load(cls, index_dir: Path, model: Path | None = None, device: str = "cpu", modality: str | None = None,
+             item: bool = False) -> Searcher:
         """`model`: default, the one the index was built with. `modality`: the kind of query to come,
-        checked against the index before the models load."""
+        checked against the index before the models load; `item`: it is an indexed item's own code
+        (no CLIP needed)."""
         code_index = CodeIndex.load(index_dir)
         if modality:
             _searched(code_index, modality, index_dir)
+            if not item and not _has_encoder(code_index):
+                raise _no_encoder(index_dir)
         torch_device = resolve_device(device)
         hash_model = load_hash_model(model or Path(code_index.meta["model"]["checkpoint"]), torch_device)
         _check_model(code_index, hash_model, index_dir)
         hash_model.model.eval()
-        return cls(code_index, Path(index_dir), hash_model, ClipEncoder.load(code_index.meta["clip"], torch_device))
+        encoder = ClipEncoder.load(code_index.meta["clip"], torch_device) if _has_encoder(code_index) and not item else None
+        return cls(code_index, Path(index_dir), hash_model, encoder)
 
     def search_text(self, text: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest images to a caption: a JSON-ready dict."""
-        notes = [f"the caption was cut to CLIP's context of {self.encoder.clip.tokenizer.context_length} tokens"
-                 ] if caption_is_cut(self.encoder.clip, text) else []
-        return self._search("text", text, top, lambda: self.encoder.captions([text]), notes)
+        encoder = self._encoder()
+        notes = [f"the caption was cut to CLIP's context of {encoder.clip.tokenizer.context_length} tokens"
+                 ] if caption_is_cut(encoder.clip, text) else []
+        return self._search("text", {"text": text}, top, lambda: self._encoded(encoder.captions([text]), "text"), notes)
 
     def search_image(self, image: Image.Image, name: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest captions to a decoded image (`name`: its path or file name)."""
-        return self._search("image", name, top, lambda: self.encoder.image(image), [])
+        encoder = self._encoder()
+        return self._search("image", {"image": name}, top, lambda: self._encoded(encoder.image(image), "image"), [])
 
-    def _search(self, modality: str, shown: str, top: int, features: Callable[[], np.ndarray], notes: list[str]) -> dict[str, Any]:
+    def search_item(self, item_id: str, modality: str, top: int) -> dict[str, Any]:
+        """The `top` (>= 1) nearest codes of the other modality to the `modality` code of the indexed
+        item `item_id` (its first row with that id): the code is read back from the index and nothing is
+        encoded; the item's own code of the other modality is ranked like any other."""
+        if modality not in self.index.codes:
+            raise QueryError(f"{self.index_dir} holds no {modality} codes to query with; it holds {' and '.join(self.index.codes)} codes")
+        row = self._rows.get(item_id)
+        if row is None:
+            example = f" (ids as in its items.jsonl, e.g. {self.index.items[0]['id']!r})" if self.index.items else ""
+            raise QueryError(f"no item {item_id!r} in {self.index_dir}{example}", 404)
+        return self._search(modality, {f"{modality}_of": item_id}, top, lambda: self.index.codes[modality].reconstruct(row)[None], [])
+
+    @cached_property
+    def _rows(self) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        for row, item in enumerate(self.index.items):
+            rows.setdefault(str(item["id"]), row)
+        return rows
+
+    def _encoder(self) -> ClipEncoder:
+        if self.encoder is None:
+            raise _no_encoder(self.index_dir)
+        return self.encoder
+
+    def _encoded(self, features: np.ndarray, modality: str) -> np.ndarray:
+        return pack_codes(self.hash_model.codes(features, modality))
+
+    def _search(self, modality: str, query: dict[str, str], top: int, code: Callable[[], np.ndarray], notes: list[str]) -> dict[str, Any]:
+        """`code`: the query's packed code [1, bits / 8], made under the lock."""
         target = _searched(self.index, modality, self.index_dir)
         with self.lock, torch.inference_mode():
-            code = pack_codes(self.hash_model.codes(features(), modality))
-        dist, rows = hamming_topk(self.index.codes[target], code, top)
+            packed = code()
+        dist, rows = hamming_topk(self.index.codes[target], packed, top)
         items = self.index.items
         results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]} for rank, (d, r) in enumerate(zip(dist[0], rows[0]), 1)]
-        return {"query": {modality: shown}, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
+        return {"query": query, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
                 "clip": self.clip, "notes": notes, "results": results}
 
     @property
@@ -141,10 +188,13 @@ class Searcher:
         return {k: self.index.meta["clip"].get(k) for k in ("clip_model", "pretrained", "random_init")}
 
     def info(self) -> dict[str, Any]:
-        """What is being searched: the index, its codes, the models; a notice if CLIP is random-init."""
+        """What is being searched: the index, its codes, the models; a notice if CLIP is random-init or unknown."""
         meta = self.index.meta
-        notice = ("codes come from a random-init CLIP (pretrained: none): results test the pipeline, not the method"
-                  if self.clip["random_init"] else None)
+        notice = None
+        if not _has_encoder(self.index):
+            notice = "codes come from imported features of an unknown CLIP model: a caption or an image cannot be searched with"
+        elif self.clip["random_init"]:
+            notice = "codes come from a random-init CLIP (pretrained: none): results test the pipeline, not the method"
         return {"index": str(self.index_dir), "count": len(self.index.items), "bits": self.index.bits,
                 "modalities": sorted(self.index.codes), "source": meta["source"], "backend": self.index.backend["name"],
                 "model": {"checkpoint": str(self.hash_model.checkpoint), "sha256": self.hash_model.sha256},

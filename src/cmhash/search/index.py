@@ -45,6 +45,8 @@ class BinaryCodes(Protocol):
 
     def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
+    def reconstruct(self, row: int) -> np.ndarray: ...  # the packed code of one row, uint8 [bits / 8]
+
 
 class CodeStore(Protocol):
     """Where an index keeps its codes. `write` stores them (files go in `folder`, the index folder

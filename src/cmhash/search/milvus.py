@@ -100,6 +100,16 @@ class MilvusCodes:
         rows = np.array([[h["id"] for h in q] for q in hits], dtype=np.int64)
         return dist, rows
 
+    def reconstruct(self, row: int) -> np.ndarray:
+        """The packed code of one row (a query by indexed item), as faiss's reconstruct gives it."""
+        try:
+            hits = self.client.get(self.collection, ids=[row], output_fields=["code"])
+        except MilvusException as exc:
+            raise QueryError(f"Milvus could not read row {row} of {self.collection}: {exc.message}", 503) from None
+        if not hits:
+            raise QueryError(f"Milvus collection {self.collection} has no row {row}; rebuild the index with `cmhash index --backend milvus`", 503)
+        return np.frombuffer(hits[0]["code"][0], dtype=np.uint8)
+
     def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like faiss: lims [Q + 1] into distances and rows of the codes at distance < radius, each query's
         in turn (at most MAX_TOPK a query)."""

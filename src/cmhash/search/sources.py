@@ -1,6 +1,7 @@
 """What `cmhash index` can index: a pipeline split (both modalities, from extract's features), a
 folder of images, or a captions file. Each source turns its input into items and CLIP features;
-CLIP itself loads only once the input has been checked."""
+CLIP itself loads only once the input has been checked. A hash model trained on imported features
+of an unknown CLIP model (data.features.clip_model: null) has no encoder: only a split can be indexed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from cmhash.data.manifest import SPLITS, read_split
 from cmhash.errors import ConfigError, DataError
-from cmhash.features import load_features
+from cmhash.features import Features, load_features
 from cmhash.progress import progress_bar
 from cmhash.search.encoder import ClipEncoder, HashModel
 
@@ -46,9 +47,21 @@ class Sources:
     features_dir: Path
     prepare_dir: Path
 
+    @property
+    def has_encoder(self) -> bool:
+        return self.clip_settings.get("clip_model") is not None
+
     @cached_property
     def encoder(self) -> ClipEncoder:
+        if not self.has_encoder:
+            raise DataError(f"{self.hash_model.checkpoint} was trained on imported features of an unknown CLIP model "
+                            "(data.features.clip_model: null): images and captions cannot be encoded; index a split (--split)")
         return ClipEncoder.load(self.clip_settings, self.device, self.batch_size, self.num_workers)
+
+    @property
+    def clip_record(self) -> dict[str, Any]:
+        """What the index records of the encoder: its settings, or that there is none."""
+        return self.encoder.settings if self.has_encoder else {k: self.clip_settings.get(k) for k in ("clip_model", "pretrained", "random_init")}
 
 
 def _from_split(split: str, ctx: Sources) -> Collection:
@@ -61,20 +74,37 @@ def _from_split(split: str, ctx: Sources) -> Collection:
     trained_on = {k: ctx.hash_model.clip_settings.get(k) for k in made_with}
     if made_with != trained_on:
         raise DataError(f"{path} was made with CLIP {made_with} but {ctx.hash_model.checkpoint} was trained on {trained_on}; re-run `dvc repro`")
+    if "source_files" in feats.meta:
+        return _imported(feats, path, ctx)
     manifest = {it.id: it for it in read_split(ctx.prepare_dir / f"{split}.jsonl")}
     missing = [i for i in feats.meta["ids"] if i not in manifest]
     if missing:
         raise DataError(f"{path} has item {missing[0]} that {ctx.prepare_dir / f'{split}.jsonl'} lacks; re-run `dvc repro`")
-    for key in ("seed", "weights_sha256", "checkpoint_sha256"):  # recorded by extract: the encoder must be the same
-        if feats.meta.get(key) is not None and feats.meta[key] != ctx.encoder.settings.get(key):
-            raise DataError(f"{path} was extracted with CLIP {key} {feats.meta[key]}, the index would encode queries with "
-                            f"{ctx.encoder.settings.get(key)}; set params.yaml back to what extract used, or re-run `dvc repro`")
+    _check_same_encoder(feats, path, ctx)
     names = list(feats.meta["label_names"])
     items = [manifest[i] for i in feats.meta["ids"]]
     image, text = feats.image.numpy(), feats.text.numpy()
     _check_encoder_reproduces(ctx.encoder, items[:VERIFY_ITEMS], image, text, path)
     rows = [{"id": it.id, "image": it.image, "caption": it.caption, "labels": [names[c] for c in it.labels]} for it in items]
     return Collection(rows, {"image": image, "text": text})
+
+
+def _imported(feats: Features, path: Path, ctx: Sources) -> Collection:
+    """A split of imported features (data.name: features): ids and labels only, no image or caption
+    to show or to re-encode as a check."""
+    if ctx.has_encoder:
+        _check_same_encoder(feats, path, ctx)
+    names = list(feats.meta["label_names"])
+    labels = feats.label.numpy()
+    rows = [{"id": i, "labels": [names[c] for c in np.flatnonzero(row)]} for i, row in zip(feats.meta["ids"], labels, strict=True)]
+    return Collection(rows, {"image": feats.image.numpy(), "text": feats.text.numpy()})
+
+
+def _check_same_encoder(feats: Features, path: Path, ctx: Sources) -> None:
+    for key in ("seed", "weights_sha256", "checkpoint_sha256"):  # recorded by extract: the encoder must be the same
+        if feats.meta.get(key) is not None and feats.meta[key] != ctx.encoder.settings.get(key):
+            raise DataError(f"{path} was extracted with CLIP {key} {feats.meta[key]}, the index would encode queries with "
+                            f"{ctx.encoder.settings.get(key)}; set params.yaml back to what extract used, or re-run `dvc repro`")
 
 
 def _check_encoder_reproduces(encoder: ClipEncoder, items, image: np.ndarray, text: np.ndarray, path: Path) -> None:
@@ -101,8 +131,9 @@ def _from_images(folder: Path, ctx: Sources) -> Collection:
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise DataError(f"no image files ({' '.join(IMAGE_SUFFIXES)}) under {folder}")
+    encoder = ctx.encoder  # loaded (or refused) before the progress bar shows
     with progress_bar("index images", total=len(paths), unit="img") as advance:
-        feats, ok, bad = ctx.encoder.images([str(p) for p in paths], advance)
+        feats, ok, bad = encoder.images([str(p) for p in paths], advance)
     if feats is None:
         raise DataError(f"none of the {len(paths)} image files under {folder} could be read, first: {paths[bad[0][0]]}: {bad[0][1]}")
     if bad:
@@ -136,8 +167,9 @@ def _read_captions(path: Path) -> list[dict[str, Any]]:
 
 def _from_captions(path: Path, ctx: Sources) -> Collection:
     rows = _read_captions(path)
+    encoder = ctx.encoder  # loaded (or refused) before the progress bar shows
     with progress_bar("index captions", total=len(rows), unit="cap") as advance:
-        feats = ctx.encoder.captions([r["caption"] for r in rows], advance)
+        feats = encoder.captions([r["caption"] for r in rows], advance)
     return Collection(rows, {"text": feats})
 
 

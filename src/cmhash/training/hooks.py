@@ -1,6 +1,7 @@
 """Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log
 (then cmhash.training.resume.RunFolder saves the run). A hook with state that a resumed run
-needs back has state_dict()/load_state_dict()."""
+needs back has state_dict()/load_state_dict(). Under several processes rank 0 alone runs these
+hooks (OnMainRank) and the other ranks follow its decisions."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from cmhash.distributed import World, broadcast
 from cmhash.evaluation.ranking import cosine_map, mean_average_precision
 from cmhash.features import Features
 from cmhash.models import encode, save_checkpoint, to_codes
-from cmhash.training.engine import TrainState, full_batch_starts
+from cmhash.training.engine import Hook, TrainState, full_batch_starts
 from cmhash.training.monitor import Meter, pair_stats
 
 SELECT = "val/map"  # the number model selection and early stopping watch
@@ -36,7 +38,8 @@ class Validator:
         runner.model.eval()
         for start in full_batch_starts(len(self.val), self.batch_size):  # batches sized as in training
             with state.precision.autocast():
-                loss, outputs = runner.step(self.val.image[start : start + self.batch_size], self.val.text[start : start + self.batch_size])
+                loss, outputs = runner.step(self.val.image[start : start + self.batch_size], self.val.text[start : start + self.batch_size],
+                                            local=True)
             meter.add(len(outputs[0]), {"loss": loss.item(), **pair_stats(*outputs)})
         state.logs.update(meter.means("val"))
         state.logs["val/train_val_loss_ratio"] = state.logs["train/loss"] / state.logs["val/loss"] if state.logs["val/loss"] else math.nan
@@ -52,6 +55,22 @@ class Validator:
         i2t = score(prepare(q_image), prepare(db_text), q_label, db_label, topk=(self.topk,))[self.topk]
         t2i = score(prepare(q_text), prepare(db_image), q_label, db_label, topk=(self.topk,))[self.topk]
         return float(i2t), float(t2i)
+
+
+class OnMainRank:
+    """Runs `hooks` on rank 0 alone - validation, checkpoints, early stopping, logging: one
+    process measures, decides and writes - then hands every rank rank 0's epoch numbers and
+    decisions (logs, best, best_epoch, stop). On one process: just the hooks."""
+
+    def __init__(self, hooks: list[Hook], world: World) -> None:
+        self.hooks, self.world = hooks, world
+
+    def __call__(self, state: TrainState) -> None:
+        if self.world.main:
+            for hook in self.hooks:
+                hook(state)
+        if self.world.distributed:
+            state.logs, state.best, state.best_epoch, state.stop = broadcast((state.logs, state.best, state.best_epoch, state.stop))
 
 
 class Checkpointer:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cmhash.distributed import all_gather_objects
+
 
 @torch.no_grad()
 def pair_stats(x: Tensor, y: Tensor) -> dict[str, float]:
@@ -36,6 +38,19 @@ class Meter:
         for key, value in values.items():
             self.sums[key] += n * value
             self.counts[key] += n
+
+    def summed_over_ranks(self) -> Meter:
+        """The whole job's meter: every rank's sums and counts added in rank order (on one
+        process, this meter's numbers as they are)."""
+        (first_sums, first_counts), *others = all_gather_objects((dict(self.sums), dict(self.counts)))
+        total = Meter()
+        total.sums.update(first_sums)
+        total.counts.update(first_counts)
+        for sums, counts in others:
+            for key, value in sums.items():
+                total.sums[key] += value
+                total.counts[key] += counts[key]
+        return total
 
     def means(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/{key}": total / self.counts[key] for key, total in self.sums.items()}

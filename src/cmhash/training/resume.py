@@ -13,8 +13,14 @@ git-ignored and not a DVC output, so `dvc repro` does not delete it before re-ru
 
 A finished run removes both: the folder only ever holds an unfinished run. A run resumes only
 if its fingerprint - every setting that shapes the result (seed, loss and its knobs, model,
-code length, the task's training settings), the train/val features, the weights it starts from
-and the training code - is the one stored; otherwise it stops with one line naming what differs.
+code length, the task's training settings, the number of processes), the train/val features,
+the weights it starts from and the training code - is the one stored; otherwise it stops with
+one line naming what differs.
+
+Under several processes the folder must be one every rank sees (a shared filesystem across
+machines). Rank 0 writes last.pt with every rank's random states (gathered to it), and finishes
+the run; every rank reads last.pt when resuming and restores its own random states, so a run
+resumes only with as many processes as it had.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor
 
 from cmhash.codedeps import ROOT, closure
+from cmhash.distributed import ONE_PROCESS, World, all_gather_objects, barrier, broadcast
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import atomic_path
 from cmhash.safeload import save_state, torch_load
@@ -85,8 +92,8 @@ def set_rng_state(saved: dict[str, Any], generator: torch.Generator) -> None:
 class RunFolder:
     """The hook (run it after every other) that saves last.pt, plus starting and finishing a run."""
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
-        self.folder, self.fingerprint = Path(folder), flatten(fingerprint)
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], world: World = ONE_PROCESS) -> None:
+        self.folder, self.fingerprint, self.world = Path(folder), flatten(fingerprint), world
         self.last_path, self.best_path = self.folder / "last.pt", self.folder / "best.pt"
         self.hooks: list[Hook] = []
         self.generator: torch.Generator | None = None
@@ -95,14 +102,16 @@ class RunFolder:
         """Continue from last.pt when `resume` and there is one (True), else start afresh. Call
         after everything is built (building draws random numbers) and right before training."""
         self.hooks, self.generator = hooks, generator
-        if resume and self.last_path.is_file():
+        found = broadcast(self.last_path.is_file())  # as rank 0 sees it: every rank acts alike
+        if resume and found:
             self.restore(state)
             log.info("resuming the unfinished run in %s after epoch %d (train.resume: true)", self.folder, state.epoch)
-            return True
-        if self.last_path.is_file():
-            log.warning("train.resume is false: discarding the unfinished run in %s", self.folder)
-        self.clear()
-        return False
+        elif self.world.main:
+            if found:
+                log.warning("train.resume is false: discarding the unfinished run in %s", self.folder)
+            self.clear()
+        barrier()  # every rank has read last.pt before rank 0 may replace it
+        return resume and found
 
     def restore(self, state: TrainState) -> None:
         try:
@@ -110,6 +119,9 @@ class RunFolder:
         except DataError as exc:
             raise DataError(f"{exc}; delete {self.folder}/ to start afresh") from None
         stored = saved.get("fingerprint", {})
+        if stored.get("world_size", 1) != self.world.size:
+            raise ConfigError(f"{self.last_path} is an unfinished run of {stored.get('world_size', 1)} process(es) and this run has "
+                              f"{self.world.size}; resume it with as many, delete {self.folder}/ to start afresh, or set train.resume: false")
         differ = sorted(k for k in {*stored, *self.fingerprint} if stored.get(k, MISSING) != self.fingerprint.get(k, MISSING))
         if differ:
             raise ConfigError(f"{self.last_path} is an unfinished run with other settings ({', '.join(differ[:6])}"
@@ -122,9 +134,15 @@ class RunFolder:
             if hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(saved["hooks"][type(hook).__name__])
         state.epoch, state.best, state.best_epoch, state.stop = saved["epoch"], saved["best"], saved["best_epoch"], saved["stop"]
-        set_rng_state(saved["rng"], self.generator)  # last: nothing may draw random numbers after it
+        set_rng_state(saved["rng"][self.world.rank], self.generator)  # last: nothing may draw random numbers after it
 
     def __call__(self, state: TrainState) -> None:
+        rng = all_gather_objects(rng_state(self.generator))  # every rank's, in rank order
+        if self.world.main:
+            self.save(state, rng)
+        barrier()  # this epoch is on disk before any rank goes on
+
+    def save(self, state: TrainState, rng: list[dict[str, Any]]) -> None:
         with atomic_path(self.last_path) as tmp:
             save_state(tmp, {
                 "fingerprint": self.fingerprint,
@@ -134,18 +152,20 @@ class RunFolder:
                 "scheduler": state.scheduler.state_dict(),
                 "scaler": state.precision.state_dict(),
                 "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")},
-                "rng": rng_state(self.generator),
+                "rng": rng,
             })
 
     def finish(self, out_path: Path) -> None:
-        """The best checkpoint becomes the stage's output; the finished run's folder goes."""
-        if not self.best_path.is_file():
+        """The best checkpoint becomes the stage's output; the finished run's folder goes (rank 0)."""
+        if not broadcast(self.best_path.is_file()):
             raise DataError("no checkpoint to keep: val MAP was never a number; check the features and the training curves")
-        with atomic_path(out_path) as tmp:
-            shutil.copyfile(self.best_path, tmp)
-        self.clear()
-        with contextlib.suppress(OSError):  # only when empty
-            self.folder.rmdir()
+        if self.world.main:
+            with atomic_path(out_path) as tmp:
+                shutil.copyfile(self.best_path, tmp)
+            self.clear()
+            with contextlib.suppress(OSError):  # only when empty
+                self.folder.rmdir()
+        barrier()
 
     def clear(self) -> None:
         self.last_path.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from cmhash.choices.archs import HashHead
 from cmhash.choices.schedules import ScheduleBase
-from cmhash.config import FusionTrain, HashTrain, Params, TrainConfig
+from cmhash.config import DistributedConfig, FusionTrain, HashTrain, Params, TrainConfig
 
 TRAIN_COMMON = [name for name in TrainConfig.model_fields if name not in ("fusion", "hash")]
 
@@ -25,12 +25,13 @@ class TaskSettings:
     arch_knobs: Any  # model.<arch>
     train: TrainConfig  # its task section is `task`; the other task's is never read
     task: FusionTrain | HashTrain
+    distributed: DistributedConfig
     hash_head: HashHead | None = None  # task 1 only
 
     @classmethod
     def of(cls, p: Params, task: str) -> TaskSettings:
         return cls(p.seed, p.device, p.loss, p.loss_knobs, p.model.arch, p.model.knobs, p.train,
-                   getattr(p.train, task), p.hash_head if task == "hash" else None)
+                   getattr(p.train, task), p.distributed, p.hash_head if task == "hash" else None)
 
     def reads(self, task: str) -> dict[str, Any]:
         """As params.yaml keys (dvc.yaml lists exactly these for the task's stage)."""
@@ -39,7 +40,8 @@ class TaskSettings:
                 "model.arch": self.arch, f"model.{self.arch}": self.arch_knobs,
                 **{f"train.{name}": getattr(self.train, name) for name in TRAIN_COMMON if name != "schedule"},
                 **{f"train.schedule.{name}": getattr(schedule, name) for name in ScheduleBase.model_fields},
-                f"train.schedule.{schedule.name}": schedule.knobs, f"train.{task}": self.task}
+                f"train.schedule.{schedule.name}": schedule.knobs, f"train.{task}": self.task,
+                "distributed": self.distributed}
         if self.hash_head is not None:
             keys["hash_head"] = self.hash_head
         return keys

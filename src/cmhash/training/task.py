@@ -1,6 +1,10 @@
 """Set up and run one training task: data, optimiser, a runner that owns the loss, hooks, then
 initialise from the upstream stage's checkpoint (or resume an interrupted run), fit, and keep the
-best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1)."""
+best checkpoint. Shared by `train-fusion` (task 0) and `train-hash` (task 1).
+
+Under torchrun every rank runs this with the same settings: it trains on its share of each global
+batch (cmhash.training.engine) with a DDP-wrapped model, while rank 0 alone validates, logs,
+checkpoints and writes the outputs (cmhash.training.hooks.OnMainRank, RunFolder)."""
 
 from __future__ import annotations
 
@@ -14,15 +18,16 @@ import torch
 from dvclive import Live
 
 from cmhash.device import resolve_device
+from cmhash.distributed import World, current_world
 from cmhash.errors import ConfigError
 from cmhash.features import check_width, load_features
 from cmhash.io import atomic_dir
 from cmhash.losses import build_loss, warn_if_small_batch
 from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
 from cmhash.precision import Precision
-from cmhash.seeding import seed_everything
+from cmhash.seeding import reseed_rank, seed_everything
 from cmhash.training.engine import TrainState, fit
-from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, Validator
+from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, OnMainRank, Validator
 from cmhash.training.optimizers import build_optimizer
 from cmhash.training.resume import RunFolder, code_digest, tensor_digest
 from cmhash.training.runner import Runner
@@ -33,36 +38,55 @@ log = logging.getLogger("cmhash")
 
 
 @contextmanager
-def open_live(folder: Path) -> Iterator[Live]:
+def open_live(folder: Path) -> Iterator[Live | None]:
     """dvclive curves (plots/metrics/) and summary (metrics.json) in `folder`; dvc.yaml, not
     dvclive, declares them to DVC. dvclive clears its folder when it starts, so it writes beside
     `folder`, which it replaces only when the run succeeds: a failed run keeps the last good curves
-    (a resumed run restores the curves logged so far from last.pt)."""
+    (a resumed run restores the curves logged so far from last.pt). Ranks other than 0 log
+    nothing and touch no folder: None."""
+    if not current_world().main:
+        yield None
+        return
     with atomic_dir(folder) as tmp, Live(str(tmp), save_dvc_exp=False, dvcyaml=False) as live:
         yield live
 
 
-def fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor]) -> dict[str, Any]:
+def fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor],
+                world: World) -> dict[str, Any]:
     """What a run's result depends on; a run resumes only into the same fingerprint. train.resume
-    is left out (it does not change the result)."""
+    and the `distributed` section are left out (they do not change the result; the number of
+    processes, which decides every rank's random streams, is in as world_size)."""
     reads = {key: value.model_dump() if hasattr(value, "model_dump") else value for key, value in settings.reads(task).items()}
     reads.pop("train.resume")
-    return {"settings": reads, "bits": model.bits, "feature_dim": model.feature_dim,
+    reads.pop("distributed")
+    return {"settings": reads, "world_size": world.size, "bits": model.bits, "feature_dim": model.feature_dim,
             "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest()}
 
 
-def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, live: Live, checkpoint_dir: Path,
+def check_batch_split(batch_size: int, n: int, world: World) -> None:
+    """train.batch_size is the global batch: each step's pairs must split evenly over the ranks."""
+    batch = min(batch_size, n)  # fewer training pairs than batch_size make one batch of them all
+    if batch % world.size:
+        raise ConfigError(f"train.batch_size is the global batch, split evenly over the processes: {batch} pairs per step "
+                          f"do not divide by {world.size} processes; use a multiple of {world.size}")
+
+
+def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, live: Live | None, checkpoint_dir: Path,
                bits: int | None = None, init_from: Path | None = None) -> float:
     """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP. The
     unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume). Task 1's code
-    lengths share one `live`: their curves are named `<bits>/...`, each starting at step 0."""
+    lengths share one `live`: their curves are named `<bits>/...`, each starting at step 0.
+    Under several processes every rank calls this; `live` is rank 0's (None on the others)."""
     task = "hash" if bits else "fusion"
     t, stage = settings.train, settings.task
+    world = current_world()
     seed_everything(settings.seed)
     device = resolve_device(settings.device)
     train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
+    check_batch_split(t.batch_size, len(train), world)
     loss = build_loss(settings.loss, settings.loss_knobs)
-    warn_if_small_batch(loss, t.batch_size)
+    if world.main:  # one warning for the job; the loss sees the global batch
+        warn_if_small_batch(loss, t.batch_size)
 
     config = ModelConfig(arch=settings.arch, knobs=settings.arch_knobs.model_dump(), feature_dim=train.dim, bits=bits,
                          hash_head=settings.hash_head if bits else None, loss=settings.loss,
@@ -76,6 +100,7 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
             raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
         model.fusion.load_state_dict(upstream.fusion.state_dict())
         init = list(upstream.fusion.state_dict().values())
+    reseed_rank(settings.seed, world.rank)  # the same initial weights on every rank, dropout of its own
 
     groups = [{"name": "fusion", "params": model.fusion.parameters(), "lr": stage.fusion_lr if bits else stage.lr}]
     if bits:
@@ -83,24 +108,27 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
         groups.append({"name": "hash", "params": heads, "lr": stage.lr})
     optimizer = build_optimizer(t.optimizer, groups)
     state = TrainState(
-        runner=Runner(model, loss, t.inputs, stage.hash_weight if bits else None),
+        runner=Runner(model, loss, t.inputs, stage.hash_weight if bits else None, world),
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, t.schedule, stage.epochs),
         precision=Precision(t.precision, device),
     )
     data = [train.image, train.text, train.label, val.image, val.text, val.label]
-    run = RunFolder(checkpoint_dir, fingerprint(settings, task, config, data, init))
-    live.step = 0
-    hooks = [
-        Validator(val, train, every=t.eval_every, epochs=stage.epochs, batch_size=t.batch_size, topk=t.select_topk),
-        Checkpointer(run.best_path),
-        EarlyStopping(t.patience, t.min_delta),
-        LiveLogger(live, prefix=f"{bits}/" if bits else ""),
-    ]
-    generator = torch.Generator().manual_seed(settings.seed)
+    run = RunFolder(checkpoint_dir, fingerprint(settings, task, config, data, init, world), world)
+    hooks = []  # rank 0's: the other ranks follow its decisions
+    if world.main:
+        live.step = 0
+        hooks = [
+            Validator(val, train, every=t.eval_every, epochs=stage.epochs, batch_size=t.batch_size, topk=t.select_topk),
+            Checkpointer(run.best_path),
+            EarlyStopping(t.patience, t.min_delta),
+            LiveLogger(live, prefix=f"{bits}/" if bits else ""),
+        ]
     log.info("%s: %d train / %d val pairs, loss %s, %d epochs on %s", task, len(train), len(val), settings.loss, stage.epochs, device)
+    generator = torch.Generator().manual_seed(settings.seed)  # the batch order: the same on every rank
     run.start(state, generator, hooks, resume=t.resume)
-    fit(state, train, epochs=stage.epochs, batch_size=t.batch_size, clip_grad_norm=t.clip_grad_norm, hooks=[*hooks, run], generator=generator)
+    fit(state, train, epochs=stage.epochs, batch_size=t.batch_size, clip_grad_norm=t.clip_grad_norm,
+        hooks=[OnMainRank(hooks, world), run], generator=generator)
     run.finish(out_path)
     log.info("%s: best val MAP@%s %.4f at epoch %d", task, t.select_topk, state.best, state.best_epoch)
     return state.best

@@ -1,18 +1,21 @@
-"""Dataset importers: `data.name` in params.yaml -> the importer that builds its `Collection`, with
-its options in `data.<name>` (both registered in cmhash.choices.datasets)."""
+"""Dataset importers: `data.name` in params.yaml -> the importer that builds its `Collection` (or,
+for precomputed features, its `FeatureSet`), with its options in `data.<name>` (both registered in
+cmhash.choices.datasets)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cmhash.choices.datasets import DATASETS, Splits
-from cmhash.data.datasets import coco, demo, manifest_file, mirflickr, nuswide  # noqa: F401  (the importers DATASETS names)
+from cmhash.choices.datasets import DATASETS
+from cmhash.data.datasets import coco, demo, features, manifest_file, mirflickr, nuswide  # noqa: F401  (the importers DATASETS names)
 from cmhash.data.datasets.common import LayoutError
 from cmhash.data.manifest import Collection
+from cmhash.data.prepared_features import FeatureSet
 from cmhash.errors import DataError
+from cmhash.sections import Section
 
 
-def build_collection(name: str, root: Path, opts: Splits, out_dir: Path, seed: int) -> Collection:
+def build_collection(name: str, root: Path, opts: Section, out_dir: Path, seed: int) -> Collection | FeatureSet:
     """Run the importer `name`; a missing piece of its download layout says which dataset the
     root does look like, if any."""
     root = Path(root)

@@ -1,0 +1,77 @@
+"""Imported features (`data.name: features`) as `prepare` hands them to `extract`, checked and
+normalised, one file per split:
+
+    stages/prepare/features/<split>.npz   image, text float32 [N, D]; label uint8 [N, C]; ids str [N]
+    stages/prepare/labels.json            {"dataset": "features", "options": {...}, "seed": N,
+                                           "precomputed": {"format", "sources": {file: sha256}, "val"},
+                                           "labels": ["label0", ...]}
+
+`precomputed` is what tells extract to write these arrays out instead of running CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmhash.data.manifest import SPLITS, write_label_names
+from cmhash.errors import DataError
+from cmhash.io import atomic_path, file_sha256
+
+FOLDER = "features"
+
+
+@dataclass
+class SplitArrays:
+    image: np.ndarray  # float32 [N, D]
+    text: np.ndarray  # float32 [N, D]
+    label: np.ndarray  # uint8 [N, C], multi-hot
+    ids: list[str]  # "<source split>/<row in the source file>": stable, unique per pair
+
+    def rows(self, rows: np.ndarray) -> SplitArrays:
+        return SplitArrays(self.image[rows], self.text[rows], self.label[rows], [self.ids[r] for r in rows])
+
+
+@dataclass
+class FeatureSet:
+    """What the `features` importer returns: every split, checked."""
+
+    splits: dict[str, SplitArrays]
+    label_names: list[str]
+    format: str  # pickle | npz | mat
+    sources: dict[str, str]  # source file (relative to data.root) -> SHA-256 of its bytes
+    val: str  # "given" (the files have a val split) or "carved from train"
+
+
+def save(out_dir: Path, features: FeatureSet, **about: Any) -> None:
+    """The arrays and labels.json into prepare's folder; `about`: options and seed, as for any dataset.
+    Call inside all_or_nothing."""
+    for split, arrays in features.splits.items():
+        with atomic_path(out_dir / FOLDER / f"{split}.npz") as tmp, tmp.open("wb") as f:
+            np.savez(f, image=arrays.image, text=arrays.text, label=arrays.label, ids=np.array(arrays.ids, dtype=str))
+    precomputed = {"format": features.format, "sources": features.sources, "val": features.val}
+    write_label_names(out_dir / "labels.json", "features", features.label_names, **about, precomputed=precomputed)
+
+
+def imported(prepare_dir: Path) -> dict[str, Any] | None:
+    """labels.json, if prepare imported features; None for a dataset of images (or no labels.json yet)."""
+    path = prepare_dir / "labels.json"
+    labels = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return labels if "precomputed" in labels else None
+
+
+def load(prepare_dir: Path, split: str) -> SplitArrays:
+    path = prepare_dir / FOLDER / f"{split}.npz"
+    if not path.is_file():
+        raise DataError(f"imported features not found: {path} (run `cmhash prepare` first)")
+    with np.load(path, allow_pickle=False) as z:
+        return SplitArrays(z["image"], z["text"], z["label"], [str(i) for i in z["ids"]])
+
+
+def digests(prepare_dir: Path) -> list[str]:
+    """SHA-256 of each split's arrays, in split order: part of the dataset version."""
+    return [file_sha256(prepare_dir / FOLDER / f"{split}.npz") for split in SPLITS]
