@@ -162,6 +162,16 @@ def test_the_workers_get_the_command_line_as_given(launches, params_file, invoke
     assert launches[2][0] == "extract"  # no --verbose when not asked
 
 
+@pytest.mark.parametrize("command", ["train-fusion", "train-hash"])
+def test_a_batch_that_does_not_split_over_the_processes_is_one_line_before_any_starts(launches, params, params_file, invoke,
+                                                                                      one_line_error, command):
+    params_file.write_text(yaml.safe_dump(with_value(with_value(params, "distributed.nproc_per_node", 2), "train.batch_size", 7)))
+    assert one_line_error(invoke(command, "--params", params_file)) == (
+        "error: train.batch_size is the global batch, split evenly over the processes: 7 pairs per step do not divide by "
+        "2 processes; use a multiple of 2")
+    assert launches == []  # no process was started
+
+
 @pytest.mark.parametrize("command", ["prepare", "evaluate"])
 def test_a_one_process_stage_under_torchrun_is_refused(params_file, invoke, one_line_error, monkeypatch, command):
     monkeypatch.setenv("WORLD_SIZE", "2")

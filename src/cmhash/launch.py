@@ -12,11 +12,21 @@ from collections.abc import Callable
 
 import typer
 
-from cmhash.config import load_params
-from cmhash.distributed import current_world, process_group, relaunch, under_launcher
+from cmhash.config import Params, load_params
+from cmhash.distributed import World, current_world, process_group, relaunch, under_launcher
 from cmhash.errors import ConfigError
 
 DISTRIBUTED = {"extract", "train-fusion", "train-hash"}  # the stages that run in several processes
+
+
+def _batch_splits(p: Params, processes: int) -> None:
+    from cmhash.training.task import check_batch_split
+
+    check_batch_split(p.train.batch_size, p.train.batch_size, World(size=processes))
+
+
+# What a stage can check on its params alone before it starts its processes.
+BEFORE_LAUNCH: dict[str, Callable[[Params, int], None]] = {"train-fusion": _batch_splits, "train-hash": _batch_splits}
 
 
 def self_launching(fn: Callable) -> Callable:
@@ -27,6 +37,8 @@ def self_launching(fn: Callable) -> Callable:
     def wrapper(ctx: typer.Context, **kwargs):
         p = load_params(kwargs["params"])
         if p.distributed.nproc_per_node > 1 and not under_launcher():
+            if ctx.info_name in BEFORE_LAUNCH:  # said once here, not once by every rank
+                BEFORE_LAUNCH[ctx.info_name](p, p.distributed.nproc_per_node)
             return relaunch(p.distributed, command_line(ctx))
         world = current_world()
         if not world.distributed:
