@@ -7,7 +7,7 @@ Data: --n JPEGs of --size px (smooth random colour fields with grain, quality 90
 costs what a photo's does) and short random captions, written to a temporary folder.
 Model: the demo CLIP (`cmhash-demo`, random init from --seed), on CPU, fp32 on both sides.
 
-ours      cmhash.extraction.extract_pairs, exactly what `cmhash extract` runs: images decoded
+ours      cmhash.features.extraction.extract_pairs, exactly what `cmhash extract` runs: images decoded
           and preprocessed by --workers DataLoader processes, --batch-size pairs per encode_image /
           encode_text call, every shard (--shard-size pairs) saved to a work folder as it finishes.
 baseline  for each pair: PIL open -> preprocess -> encode_image of 1 image, tokenize -> encode_text
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmhash.clip import load_seeded_clip
 from cmhash.data.manifest import Item
-from cmhash.encoding import Encoder
-from cmhash.extraction import extract_pairs
-from cmhash.shards import ShardStore
+from cmhash.features.clip import load_seeded_clip
+from cmhash.features.encoding import Encoder
+from cmhash.features.extraction import extract_pairs
+from cmhash.features.shards import ShardStore
 
 WORDS = "a the red blue small large dog cat beach tree car street sky water person bird house field".split()
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from cmhash.evaluation import chance_map, mean_average_precision, pr_curve, precision_at_n, tie_aware_map  # noqa: E402
+from cmhash.evaluation.curves import pr_curve, precision_at_n  # noqa: E402
+from cmhash.evaluation.ranking import chance_map, mean_average_precision, tie_aware_map  # noqa: E402
 from timing import best_time  # noqa: E402
 
 

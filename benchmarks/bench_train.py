@@ -40,16 +40,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cmhash.choices.archs import Transformer
-from cmhash.config import Schedule
-from cmhash.features import Features
-from cmhash.losses import build_loss
-from cmhash.models import CrossModalHasher, ModelConfig
-from cmhash.precision import Precision
+from cmhash.config.schema import parse_params
+from cmhash.config.stages import TaskSettings
+from cmhash.features.store import FeatureSplit
 from cmhash.training.engine import TrainState, batches, fit
 from cmhash.training.monitor import pair_stats
-from cmhash.training.runner import Runner
-from cmhash.training.schedule import build_scheduler
+from cmhash.training.state import build_state, model_config
 
 
 @dataclass(frozen=True)
@@ -63,15 +59,16 @@ class Scale:
 SCALES = {"demo": Scale("demo", 1500, 256, 5), "mirflickr": Scale("MIRFlickr-sized", 5000, 512, 5)}
 QUICK = Scale("quick", 512, 64, 3)
 WARMUP_BATCHES = 3
-KNOBS = Transformer()  # model.reference's defaults: d_model 2 x dim, 4 heads, 2 layers, feed-forward 2048, dropout 0.1
 
 
-def new_state(dim: int, device: torch.device, epochs: int) -> TrainState:
+# Task 0 as the stage trains it (model.reference's defaults: d_model 2 x dim, 4 heads, 2 layers,
+# feed-forward 2048, dropout 0.1; Adam), with the reference's loss; the lr does not move the timing.
+SETTINGS = TaskSettings.of(parse_params({"loss": "contrastive", "train": {"precision": "fp32"}}), "fusion")
+
+
+def new_state(dim: int, device: torch.device) -> TrainState:
     torch.manual_seed(0)
-    model = CrossModalHasher(ModelConfig(arch="reference", knobs=KNOBS.model_dump(), feature_dim=dim)).to(device)
-    optimizer = torch.optim.Adam([{"name": "fusion", "params": model.parameters(), "lr": 1e-4}], betas=(0.5, 0.999))
-    return TrainState(Runner(model, build_loss("contrastive", {"temperature": 0.5}), "both"), optimizer,
-                      build_scheduler(optimizer, Schedule(name="constant"), epochs), Precision("fp32", device))
+    return build_state(SETTINGS, model_config(SETTINGS, dim, None), device)
 
 
 def count_steps(state: TrainState) -> list[int]:
@@ -86,14 +83,14 @@ def count_steps(state: TrainState) -> list[int]:
     return counter
 
 
-def ours(state: TrainState, data: Features, batch_size: int, epochs: int) -> None:
+def ours(state: TrainState, data: FeatureSplit, batch_size: int, epochs: int) -> None:
     state.epoch = 0
     with contextlib.redirect_stdout(io.StringIO()):  # the progress bar, drawn but not shown
         fit(state, data, epochs=epochs, batch_size=batch_size, clip_grad_norm=0.0, hooks=[],
             generator=torch.Generator().manual_seed(0))
 
 
-def baseline(state: TrainState, data: Features, batch_size: int, epochs: int) -> None:
+def baseline(state: TrainState, data: FeatureSplit, batch_size: int, epochs: int) -> None:
     loader = DataLoader(TensorDataset(data.image, data.text), batch_size=batch_size, shuffle=True, drop_last=True)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     state.runner.model.train()
@@ -116,14 +113,14 @@ def timed(run: Callable[[], None]) -> float:
 def bench_scale(scale: Scale, batch_size: int, epochs: int, repeats: int | None, device: torch.device) -> None:
     repeats = repeats or scale.repeats
     g = torch.Generator().manual_seed(1)
-    data = Features(*(torch.randn(scale.n, scale.dim, generator=g).to(device) for _ in range(2)),
+    data = FeatureSplit(*(torch.randn(scale.n, scale.dim, generator=g).to(device) for _ in range(2)),
                     label=torch.zeros(scale.n, 1, device=device), meta={})
     per = scale.n // batch_size
     steps = epochs * per
-    sides = {"ours (engine.fit)": (ours, new_state(scale.dim, device, 10**6)),
-             "DataLoader loop": (baseline, new_state(scale.dim, device, 10**6))}
+    sides = {"ours (engine.fit)": (ours, new_state(scale.dim, device)),
+             "DataLoader loop": (baseline, new_state(scale.dim, device))}
     counters = {name: count_steps(state) for name, (_, state) in sides.items()}
-    warmup = Features(data.image[: WARMUP_BATCHES * batch_size], data.text[: WARMUP_BATCHES * batch_size],
+    warmup = FeatureSplit(data.image[: WARMUP_BATCHES * batch_size], data.text[: WARMUP_BATCHES * batch_size],
                       data.label[: WARMUP_BATCHES * batch_size], meta={})
     for loop, state in sides.values():
         loop(state, warmup, batch_size, 1)  # first-call costs (allocator, kernels) out of the timings

@@ -6,8 +6,7 @@
 Each section is a key of the JSON report (--out) and a Markdown table on stdout, ready for
 docs/benchmarks.md; every number below is measured on the current device in this run.
 
-cuda_tests  the tests marked skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-            run by pytest in a subprocess (this file is its plugin that picks them); on a CUDA
+cuda_tests  the tests marked `@pytest.mark.cuda` (`pytest -m cuda`, in a subprocess); on a CUDA
             machine each must pass: one skipped there fails the check.
 pipeline    the demo pipeline through the `cmhash` stage commands (in this process, with --params
             files and every path in a work folder, never the repository's stages/ or metrics/):
@@ -19,7 +18,7 @@ pipeline    the demo pipeline through the `cmhash` stage commands (in this proce
 extraction  pairs/s of open_clip ViT-B-32 with random weights at batch 256, per precision: the model
             alone (image tensors and tokens already on the device) against end to end (JPEGs decoded
             and preprocessed in --workers DataLoader processes, copied to the device, encoded:
-            cmhash.encoding.Encoder, as `cmhash extract` runs it).
+            cmhash.features.encoding.Encoder, as `cmhash extract` runs it).
 training    engine.fit at MIRFlickr size (5,000 pairs of 512-d random features, batch 128, params.yaml's
             model, loss and optimiser): ms per step and s per epoch, task 0 and task 1 at 16/32/64/128
             bits, per precision; optimiser steps only (no validation, no checkpoints).
@@ -61,28 +60,22 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cmhash.cli import app
-from cmhash.clip import load_seeded_clip
-from cmhash.config import Params, parse_params
-from cmhash.encoding import Encoder, chunks
+from cmhash.config.schema import Params, parse_params
+from cmhash.config.stages import TaskSettings
 from cmhash.errors import ConfigError
 from cmhash.evaluation.ranking import mean_average_precision
 from cmhash.evaluation.ranking_torch import mean_average_precision_torch
-from cmhash.features import Features
+from cmhash.evaluation.tables import DIRECTIONS
+from cmhash.features.clip import load_seeded_clip
+from cmhash.features.encoding import Encoder, chunks
+from cmhash.features.store import FeatureSplit
 from cmhash.io import write_json
-from cmhash.losses import build_loss
-from cmhash.models import CrossModalHasher, ModelConfig
-from cmhash.precision import Precision, inference_precision
-from cmhash.tables import DIRECTIONS
+from cmhash.runtime.precision import Precision, inference_precision
 from cmhash.training.engine import TrainState, fit, full_batch_starts
-from cmhash.training.optimizers import build_optimizer
-from cmhash.training.runner import Runner
-from cmhash.training.schedule import build_scheduler
-from cmhash.training.settings import TaskSettings
+from cmhash.training.state import build_state, model_config
 from timing import best_time
 
 REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-CUDA_REASON = "needs a CUDA device"  # the skip reason that marks a test as CUDA-only
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRAIN_BITS = (16, 32, 64, 128)
 EQUAL = 1e-9  # "the same MAP": rankings and hits are identical, only float64 sums differ in order (~1e-16)
@@ -124,7 +117,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def unavailable(precision: str, device: torch.device) -> str | None:
-    """Why `precision` cannot run on `device` (the project's own rule, cmhash.precision), or None."""
+    """Why `precision` cannot run on `device` (the project's own rule, cmhash.runtime.precision), or None."""
     try:
         Precision(precision, device)
     except ConfigError as exc:
@@ -159,14 +152,6 @@ class Report:
 # ------------------------------------------------------------------------------ CUDA tests
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """pytest hook, live only when pytest loads this file as a plugin (`-p gpu_check`, as
-    cuda_tests does): keep the CUDA-only tests, deselect the rest."""
-    cuda = [item for item in items if any(m.kwargs.get("reason") == CUDA_REASON for m in item.iter_markers("skipif"))]
-    config.hook.pytest_deselected(items=[item for item in items if item not in cuda])
-    items[:] = cuda
-
-
 def junit_outcomes(path: Path) -> dict[str, str]:
     """test id -> passed | failed | skipped, from pytest's --junitxml file (an error counts as failed)."""
     outcomes = {}
@@ -178,11 +163,9 @@ def junit_outcomes(path: Path) -> dict[str, str]:
 
 
 def cuda_tests(report: Report, device: torch.device, work: Path) -> dict[str, Any]:
-    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "tests").glob("test_*.py") if "cuda.is_available" in p.read_text(encoding="utf-8"))
     junit = work / "cuda_tests.xml"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_check", f"--junitxml={junit}", *files],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", f"--junitxml={junit}", "tests"],
+                          cwd=REPO, capture_output=True, text=True)
     outcomes = junit_outcomes(junit) if junit.is_file() else {}
     counts = {kind: sum(o == kind for o in outcomes.values()) for kind in ("passed", "failed", "skipped")}
     if device.type == "cuda":
@@ -194,7 +177,7 @@ def cuda_tests(report: Report, device: torch.device, work: Path) -> dict[str, An
     if not ok:
         print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n")
     report.check("cuda tests", ok, detail)
-    return {"files": files, "pytest_exit_code": proc.returncode, **counts, "tests": outcomes}
+    return {"pytest_exit_code": proc.returncode, **counts, "tests": outcomes}
 
 
 # -------------------------------------------------------------------------------- pipeline
@@ -392,20 +375,13 @@ def train_state(p: Params, dim: int, bits: int | None, device: torch.device, pre
     """What cmhash.training.task.train_task builds for one task, on random-init weights."""
     s = TaskSettings.of(p, "hash" if bits else "fusion")
     torch.manual_seed(p.seed)
-    config = ModelConfig(arch=s.arch, knobs=s.arch_knobs.model_dump(), feature_dim=dim, bits=bits, hash_head=s.hash_head if bits else None)
-    model = CrossModalHasher(config).to(device)
-    groups = [{"name": "fusion", "params": model.fusion.parameters(), "lr": s.task.fusion_lr if bits else s.task.lr}]
-    if bits:
-        groups.append({"name": "hash", "params": [*model.image_head.parameters(), *model.text_head.parameters()], "lr": s.task.lr})
-    optimizer = build_optimizer(s.train.optimizer, groups)
-    return TrainState(Runner(model, build_loss(s.loss, s.loss_knobs), s.train.inputs, s.task.hash_weight if bits else None),
-                      optimizer, build_scheduler(optimizer, s.train.schedule, s.task.epochs), Precision(precision, device))
+    return build_state(s, model_config(s, dim, bits), device, precision=precision)
 
 
 def training(device: torch.device, sizes: Sizes, args: argparse.Namespace) -> dict[str, Any]:
     p = parse_params(demo_params(args.device, args.tiny, args.epochs))  # params.yaml's model, loss, optimiser
     g = torch.Generator().manual_seed(args.seed)
-    data = Features(*(torch.randn(sizes.train_pairs, sizes.train_dim, generator=g).to(device) for _ in range(2)),
+    data = FeatureSplit(*(torch.randn(sizes.train_pairs, sizes.train_dim, generator=g).to(device) for _ in range(2)),
                     label=torch.zeros(sizes.train_pairs, 1, device=device), meta={})
     steps = len(full_batch_starts(sizes.train_pairs, sizes.train_batch))
 

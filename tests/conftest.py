@@ -140,3 +140,15 @@ def unpack(annotation: Any) -> tuple[Any, list[Any], bool]:
         return annotation, list(info.metadata), False
     base, meta, optional = unpack(info.annotation)
     return base, [*info.metadata, *meta], optional
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` skip, with one reason, where torch sees no CUDA device (CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

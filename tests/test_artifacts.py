@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 
+from cmhash.data.captions import clean_caption
 from cmhash.data.datasets.common import EMPTY_CAPTION, ItemSink
 from cmhash.errors import DataError
-from cmhash.io import atomic_dir, atomic_write_text, load_pickle
+from cmhash.io import atomic_dir, atomic_write_text, load_pickle, save_state
 from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint, save_checkpoint
-from cmhash.safeload import save_state
-from cmhash.text import clean_caption
 
 
 def tiny_model() -> CrossModalHasher:
@@ -63,7 +62,7 @@ def assert_refused(message: str, path) -> None:
 
 
 def load_clip_weights(path):
-    from cmhash.clip import load_clip
+    from cmhash.features.clip import load_clip
 
     return load_clip("cmhash-tiny", str(path), torch.device("cpu"))
 
@@ -122,7 +121,7 @@ def test_the_umask_is_read_from_the_process(tmp_path):
 
 
 def test_progress_bars_go_to_stderr(capsys):
-    from cmhash.progress import progress_bar
+    from cmhash.runtime.progress import progress_bar
 
     with progress_bar("work", total=3, unit="item") as advance:
         advance(3)
@@ -193,7 +192,7 @@ def test_help_and_config_errors_do_not_load_torch(tmp_path, args):
 
 
 def test_a_caption_past_clips_context_is_known_to_be_cut():
-    from cmhash.clip import caption_is_cut, load_clip
+    from cmhash.features.clip import caption_is_cut, load_clip
 
     clip = load_clip("cmhash-tiny", "none", torch.device("cpu"))
     assert clip.tokenizer.context_length == 77
@@ -204,7 +203,7 @@ def test_a_caption_past_clips_context_is_known_to_be_cut():
 def test_search_echoes_a_long_caption_shortened_and_shows_the_notes():
     from rich.console import Console
 
-    from cmhash.tables import QUERY_ECHO_CHARS, search_table
+    from cmhash.search.results import QUERY_ECHO_CHARS, search_table
 
     caption = "a red circle beside a blue square " * 20
     found = {"query": {"text": caption}, "searched": "image", "bits": 64, "clip": {"random_init": False},

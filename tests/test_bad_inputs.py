@@ -281,7 +281,7 @@ def test_a_fault_outside_the_writers_is_one_line_naming_the_file(project, monkey
     def unreadable(path, *args):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
 
-    monkeypatch.setattr("cmhash.features.load_pickle", unreadable)
+    monkeypatch.setattr("cmhash.features.store.load_pickle", unreadable)
     assert_fails_cleanly(project, "train-fusion", ["stages/extract/train.pkl", os.strerror(errno.EIO)])
 
 

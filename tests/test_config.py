@@ -1,4 +1,4 @@
-"""params.yaml against its schema (cmhash.config): the committed file, and the one-line message for
+"""params.yaml against its schema (cmhash.config.schema): the committed file, and the one-line message for
 every kind of mistake, for every key. Keys, types and bounds are read from the schema itself, so a
 knob added later is covered without editing this file."""
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from typer.testing import CliRunner
 
-from cmhash.config import MOVED, Params, leaf_keys, load_params, parse_params, section_at, section_type
+from cmhash.config.schema import MOVED, Params, leaf_keys, load_params, parse_params, section_at, section_type
 from cmhash.errors import ConfigError
 from conftest import unpack, with_value
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmhash.config import parse_params
+from cmhash.config.schema import parse_params
 from cmhash.errors import ConfigError
-from cmhash.evaluation import pr_curve, precision_at_n
+from cmhash.evaluation.curves import pr_curve, precision_at_n
 from cmhash.pipeline.evaluate import curve_rows, replace_dir
 from test_ranking import HAND_DB, HAND_DB_LABELS, HAND_QUERY, HAND_QUERY_LABELS, random_case, ref_distances, ref_relevance
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cmhash.choices.datasets import DATASETS, Splits
-from cmhash.config import parse_params
+from cmhash.config.choices.datasets import DATASETS, Splits
+from cmhash.config.schema import parse_params
 from cmhash.data.datasets import build_collection, detect_layouts
 from cmhash.data.manifest import Collection
 from cmhash.errors import ConfigError, DataError
@@ -312,10 +312,11 @@ def _manifest_collection(root: Path, n: int, bad: dict[int, str] | None = None) 
 
 
 def _run_prepare(params: dict, out: Path):
+    from cmhash.config.stages import PrepareSettings
     from cmhash.pipeline import prepare
 
     p = parse_params(params)
-    return prepare.run(p.seed, p.data, out)
+    return prepare.run(PrepareSettings.of(p), out)
 
 
 def _prepare(params, root: Path, out: Path, **sizes):

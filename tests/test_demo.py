@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cmhash.choices.datasets import Demo
-from cmhash.clip import CONFIG_DIR
-from cmhash.config import parse_params
+from cmhash.config.choices.datasets import Demo
+from cmhash.config.schema import parse_params
 from cmhash.data.datasets.demo import (
     LABELS,
     OBJECT_COLOURS,
@@ -30,6 +29,7 @@ from cmhash.data.datasets.demo import (
 )  # fmt: skip
 from cmhash.data.manifest import multi_hot
 from cmhash.errors import ConfigError
+from cmhash.features.clip import CONFIG_DIR
 
 SMALL = {"n_items": 40, "image_size": 32}
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 import yaml
 
-from cmhash.clip import load_seeded_clip
-from cmhash.config import parse_params
+from cmhash.config.schema import parse_params
+from cmhash.config.stages import ExtractSettings, PrepareSettings
 from cmhash.data.manifest import SPLITS, read_split
 from cmhash.errors import DataError
+from cmhash.features.clip import load_seeded_clip
 from cmhash.io import load_pickle
 from cmhash.pipeline import extract, prepare
 from conftest import tiny_params, with_value
@@ -53,14 +54,14 @@ def project(tmp_path_factory) -> tuple[dict, Path]:
     params["clip"].update(shard_size=SHARD, batch_size=BATCH)
     root = tmp_path_factory.mktemp("project")
     p = parse_params(params)
-    prepare.run(p.seed, p.data, root / "stages/prepare")
+    prepare.run(PrepareSettings.of(p), root / "stages/prepare")
     return params, root
 
 
 def run_extract(params: dict, root: Path, out: Path) -> None:
     p = parse_params(params)
     with one_thread():
-        extract.run(p.seed, p.device, p.data.on_bad_item, p.clip, root / "stages/prepare", out, out.parent / f"{out.name}.json")
+        extract.run(ExtractSettings.of(p), root / "stages/prepare", out, out.parent / f"{out.name}.json")
 
 
 class OneProcess(NamedTuple):
@@ -80,7 +81,7 @@ def one_process(project) -> OneProcess:
         return clip
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cmhash.clip.load_seeded_clip", counting_load_clip)  # extract imports it when it runs
+        patch.setattr("cmhash.features.clip.load_seeded_clip", counting_load_clip)  # extract imports it when it runs
         run_extract(params, root, root / "one/extract")
     return OneProcess(root / "one/extract", batches)
 
@@ -143,7 +144,7 @@ def launches(params, params_file, monkeypatch) -> list[list[str]]:
     """params_file asks for 2 processes; the command line each launch would give its workers."""
     params_file.write_text(yaml.safe_dump(with_value(params, "distributed.nproc_per_node", 2)))
     launched: list[list[str]] = []
-    monkeypatch.setattr("cmhash.launch.relaunch", lambda cfg, args: launched.append(args))
+    monkeypatch.setattr("cmhash.runtime.launch.relaunch", lambda cfg, args: launched.append(args))
     return launched
 
 
@@ -227,8 +228,8 @@ def test_the_first_worker_to_fail_is_the_one_named(params, params_file, invoke, 
 def test_a_collective_that_fails_is_one_line_and_other_errors_pass(monkeypatch):
     import torch.distributed as dist
 
-    from cmhash.config import DistributedConfig
-    from cmhash.distributed import RankFailed, process_group
+    from cmhash.config.schema import DistributedConfig
+    from cmhash.runtime.distributed import RankFailed, process_group
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: None)  # no other process to join

@@ -29,17 +29,17 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cmhash.choices.archs import ARCHS
-from cmhash.config import parse_params
-from cmhash.distributed import current_world
+from cmhash.config.choices.archs import ARCHS
+from cmhash.config.schema import parse_params
+from cmhash.config.stages import TaskSettings
 from cmhash.errors import ConfigError
 from cmhash.io import save_pickle
 from cmhash.losses import LOSSES, build_loss
 from cmhash.models import CrossModalHasher, ModelConfig
 from cmhash.pipeline import train_fusion, train_hash
-from cmhash.seeding import reseed_rank
+from cmhash.runtime.distributed import current_world
+from cmhash.runtime.seeding import reseed_rank
 from cmhash.training.runner import VIEWS, Runner
-from cmhash.training.settings import TaskSettings
 from conftest import tiny_params
 from test_training import D, Killed, kill_before_saving_epoch, synthetic
 
@@ -356,7 +356,7 @@ def test_torchrun_runs_train_fusion_and_train_hash_like_one_process(root, one_pr
 
 def worker(launcher: int, rank: int) -> int | None:
     """The pid of the worker of rank `rank` that the stage process `launcher` started (its run id
-    names the launcher: cmhash.distributed.relaunch)."""
+    names the launcher: cmhash.runtime.distributed.relaunch)."""
     for proc in Path("/proc").iterdir():
         try:
             env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)

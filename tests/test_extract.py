@@ -18,14 +18,15 @@ import yaml
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
-from cmhash.clip import load_clip, load_seeded_clip
-from cmhash.config import parse_params
+from cmhash.config.schema import parse_params
+from cmhash.config.stages import ExtractSettings, PrepareSettings
 from cmhash.data.manifest import SPLITS, read_split, write_split
 from cmhash.errors import ConfigError, DataError
+from cmhash.features.clip import load_clip, load_seeded_clip
 from cmhash.io import load_pickle
 from cmhash.pipeline import extract, prepare
-from cmhash.precision import inference_precision
-from cmhash.seeding import seed_everything
+from cmhash.runtime.precision import inference_precision
+from cmhash.runtime.seeding import seed_everything
 
 # N demo pairs, SHARD per shard (4 shards: 3 x 12 + 4), BATCH per batch (2 batches per full shard)
 N, SHARD, BATCH = 40, 12, 6
@@ -40,7 +41,7 @@ def setup(params, tmp_path):
     params["data"]["demo"].update(n_items=N, query=8, train=20, val=8)
     params["clip"].update(shard_size=SHARD, batch_size=BATCH)
     p = parse_params(params)
-    prepare.run(p.seed, p.data, tmp_path / "prepare")
+    prepare.run(PrepareSettings.of(p), tmp_path / "prepare")
     return params, tmp_path
 
 
@@ -62,9 +63,9 @@ def run_extract(params, tmp_path, monkeypatch, out="extract", kill_after_batches
         clip.model.encode_image = counted
         return clip
 
-    monkeypatch.setattr("cmhash.clip.load_seeded_clip", counting_load_clip)  # extract imports it when it runs
+    monkeypatch.setattr("cmhash.features.clip.load_seeded_clip", counting_load_clip)  # extract imports it when it runs
     p = parse_params(params)
-    extract.run(p.seed, p.device, p.data.on_bad_item, p.clip, tmp_path / "prepare", tmp_path / out, tmp_path / f"{out}.json")
+    extract.run(ExtractSettings.of(p), tmp_path / "prepare", tmp_path / out, tmp_path / f"{out}.json")
     return encoded
 
 
@@ -223,7 +224,7 @@ def test_precision_auto_and_explicit():
         parse_params({"clip": {"precision": "half"}})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_precision_auto_is_fp16_on_cuda():
     assert inference_precision("auto", torch.device("cuda")).name == "fp16"
 

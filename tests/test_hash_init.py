@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cmhash.config import parse_params
+from cmhash.config.schema import parse_params
 from cmhash.errors import ConfigError
 from cmhash.models import CrossModalHasher
 from cmhash.training import task as task_module
@@ -40,6 +40,7 @@ def stage(invoke, name: str, params: dict, root: Path, features_dir: Path, *extr
     result = invoke(name, "--params", root / "params.yaml", "--features-dir", features_dir, "--metrics-dir", root / f"metrics-{name}",
                     "--checkpoints", root / f"checkpoints-{name}", *outputs, *extra)
     assert result.exit_code == 0, result.output
+    assert not (root / f"checkpoints-{name}").exists()  # a finished run leaves no folder, empty or not
 
 
 def fusion_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

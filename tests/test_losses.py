@@ -7,8 +7,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cmhash.choices.losses import InfoNCE
-from cmhash.config import parse_params
+from cmhash.config.choices.losses import InfoNCE
+from cmhash.config.schema import parse_params
 from cmhash.errors import ConfigError
 from cmhash.losses import LOSSES, InfoNCELoss, build_loss, warn_if_small_batch
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmhash.choices.archs import HashHead
+from cmhash.config.choices.archs import HashHeadConfig
 from cmhash.errors import ConfigError, DataError
 from cmhash.models import CrossModalHasher, ModelConfig, encode, load_checkpoint, save_checkpoint, to_codes
 
@@ -17,7 +17,7 @@ KNOBS = {
 
 def make_model(bits=32, arch="reference", **knobs):
     torch.manual_seed(0)
-    head = HashHead(hidden=64, dropout=0.3) if bits else None
+    head = HashHeadConfig(hidden=64, dropout=0.3) if bits else None
     return CrossModalHasher(ModelConfig(arch=arch, knobs={**KNOBS[arch], **knobs}, feature_dim=D, bits=bits, hash_head=head))
 
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from cmhash.config import parse_params
-from cmhash.device import resolve_device
+from cmhash.config.schema import parse_params
 from cmhash.errors import ConfigError
-from cmhash.precision import DTYPES, Precision
+from cmhash.runtime.device import resolve_device
+from cmhash.runtime.precision import DTYPES, Precision
 
 CPU = torch.device("cpu")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -195,7 +194,7 @@ def test_resolve_device_rejects_other_names(name: str) -> None:
         resolve_device(name)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_fp16_on_cuda_scales_steps_and_resumes_its_scaler() -> None:
     cuda = torch.device("cuda")
     model = tiny_model().to(cuda)

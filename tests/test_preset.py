@@ -19,7 +19,7 @@ from dvc.cli import parse_args
 from dvc.utils.hydra import apply_overrides
 
 from cmhash.cli import STAGES
-from cmhash.config import Params, load_params
+from cmhash.config.schema import Params, load_params
 from cmhash.io import save_pickle
 from test_training import synthetic, train
 

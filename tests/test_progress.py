@@ -1,4 +1,4 @@
-from cmhash.progress import rate_text
+from cmhash.runtime.progress import rate_text
 
 
 def test_fast_items_show_items_per_second():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cmhash.errors import ConfigError, DataError
-from cmhash.evaluation import chance_map, cosine_map, hamming_distances, mean_average_precision, tie_aware_map
+from cmhash.evaluation.ranking import chance_map, cosine_map, hamming_distances, mean_average_precision, tie_aware_map
 
 # ------------------------------------------------------------ plain-loop reference
 

@@ -95,7 +95,7 @@ def test_evaluate_stage_picks_torch_on_cuda_only():
     assert on_gpu.func is mean_average_precision_torch and on_gpu.keywords == {"device": torch.device("cuda", 1)}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("bits", [8, 64])
 def test_matches_numpy_on_cuda(bits):
     case = random_case(np.random.default_rng(bits), 500, 20000, bits, 20, 0.1)

@@ -1,4 +1,4 @@
-"""The five registries of named choices (cmhash.choices): every entry is usable end to end - its
+"""The five registries of named choices (cmhash.config.choices): every entry is usable end to end - its
 knobs build, its implementation imports, it is a valid params.yaml value and `cmhash list` shows
 it - and an unknown name gets the one message format wherever it is met."""
 
@@ -13,14 +13,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cmhash.choices.archs import ARCHS
-from cmhash.choices.datasets import DATASETS
-from cmhash.choices.losses import LOSSES
-from cmhash.choices.optimizers import OPTIMIZERS
-from cmhash.choices.schedules import SCHEDULES
-from cmhash.config import Params, parse_params, section_at
+from cmhash.config.choices.archs import ARCHS
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.losses import LOSSES
+from cmhash.config.choices.optimizers import OPTIMIZERS
+from cmhash.config.choices.schedules import SCHEDULES
+from cmhash.config.registry import Registry
+from cmhash.config.schema import Params, parse_params, section_at
 from cmhash.errors import ConfigError
-from cmhash.registry import Registry
 from conftest import with_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,11 +132,11 @@ def test_each_loss_builds_from_default_knobs_and_gives_a_finite_scalar(entry):
 def test_each_arch_builds_a_hasher_from_default_knobs_and_encodes(entry):
     """Default knobs (nhead 4 divides 2 x feature_dim 16), hash heads at 16 bits: finite outputs of
     the right shape under both protocols, and codes of +-1."""
-    from cmhash.choices.archs import HashHead
+    from cmhash.config.choices.archs import HashHeadConfig
     from cmhash.models import PROTOCOLS, CrossModalHasher, ModelConfig, encode, to_codes
 
     torch.manual_seed(0)
-    config = ModelConfig(arch=entry.name, knobs=entry.knobs().model_dump(), feature_dim=16, bits=16, hash_head=HashHead(hidden=32))
+    config = ModelConfig(arch=entry.name, knobs=entry.knobs().model_dump(), feature_dim=16, bits=16, hash_head=HashHeadConfig(hidden=32))
     model = CrossModalHasher(config)
     image, text = torch.randn(8, 16), torch.randn(8, 16)
     for protocol in PROTOCOLS:
@@ -151,7 +151,7 @@ def test_each_arch_builds_a_hasher_from_default_knobs_and_encodes(entry):
 def test_each_schedule_builds_on_a_toy_optimizer(entry, warmup):
     """Default knobs over 30 epochs: every lr finite and in (0, base]; with a warm-up, it starts
     at warmup_lr and the main phase starts at the base lr."""
-    from cmhash.config import Schedule
+    from cmhash.config.schema import Schedule
     from cmhash.training.schedule import build_scheduler
 
     base = 0.1
@@ -182,7 +182,7 @@ def test_each_dataset_has_split_sizes(entry):
 @pytest.mark.parametrize("entry", entries("optimizers"))
 def test_each_optimizer_builds_with_the_shared_knobs(entry):
     """build_optimizer makes the registered class over param groups, keeping each group's lr."""
-    from cmhash.choices.optimizers import OptimizerConfig
+    from cmhash.config.choices.optimizers import OptimizerConfig
     from cmhash.training.optimizers import build_optimizer
 
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}]

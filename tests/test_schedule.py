@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cmhash.choices.schedules import SCHEDULES
-from cmhash.config import Schedule, parse_params
+from cmhash.config.choices.schedules import SCHEDULES
+from cmhash.config.schema import Schedule, parse_params
 from cmhash.errors import ConfigError
 from cmhash.training.schedule import build_scheduler
 

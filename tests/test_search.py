@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cmhash.data.manifest import read_split
-from cmhash.features import load_features
-from cmhash.search.encoder import ClipEncoder
+from cmhash.features.encoding import ClipEncoder
+from cmhash.features.store import load_features
 from cmhash.search.index import CodeIndex, binary_index, hamming_topk
 
 PIPELINE = ("prepare", "extract", "train-fusion", "train-hash", "evaluate")

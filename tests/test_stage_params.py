@@ -19,14 +19,14 @@ import pytest
 import yaml
 from pydantic import AfterValidator, BaseModel
 
-from cmhash.choices.archs import ARCHS
-from cmhash.choices.datasets import DATASETS
-from cmhash.choices.losses import LOSSES
-from cmhash.choices.optimizers import OPTIMIZERS
-from cmhash.choices.schedules import SCHEDULES
-from cmhash.config import Params, leaf_keys, parse_params, section_at
+from cmhash.config.choices.archs import ARCHS
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.losses import LOSSES
+from cmhash.config.choices.optimizers import OPTIMIZERS
+from cmhash.config.choices.schedules import SCHEDULES
+from cmhash.config.registry import Registry
+from cmhash.config.schema import Params, leaf_keys, parse_params, section_at
 from cmhash.errors import ConfigError
-from cmhash.registry import Registry
 from conftest import unpack, with_value
 
 REPO = Path(__file__).resolve().parents[1]

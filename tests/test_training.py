@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from cmhash.config import TrainConfig, parse_params
+from cmhash.config.schema import TrainConfig, parse_params
 from cmhash.errors import ConfigError
-from cmhash.features import Features
+from cmhash.features.store import FeatureSplit
 from cmhash.io import save_pickle
 from cmhash.losses import build_loss
 from cmhash.models import CrossModalHasher, ModelConfig, save_checkpoint
-from cmhash.precision import Precision
+from cmhash.runtime.precision import Precision
 from cmhash.training import task as task_module
 from cmhash.training.engine import TrainState, fit
 from cmhash.training.hooks import Checkpointer, EarlyStopping
@@ -106,14 +106,14 @@ class ScriptedValidator:
 # ---- the loop and its hooks on scripted val curves ------------------------------------------
 
 
-def tiny_state(params: dict) -> tuple[TrainState, Features]:
+def tiny_state(params: dict) -> tuple[TrainState, FeatureSplit]:
     torch.manual_seed(0)
     model = CrossModalHasher(model_config(params))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = TrainState(Runner(model, build_loss("cosine"), "strict"), optimizer,
                        build_scheduler(optimizer, parse_params(params).train.schedule, 20), Precision("fp32", torch.device("cpu")))
     data = synthetic(32, seed=1)
-    return state, Features(*(torch.from_numpy(data[k]).float() for k in ("image", "text", "label")), meta={})
+    return state, FeatureSplit(*(torch.from_numpy(data[k]).float() for k in ("image", "text", "label")), meta={})
 
 
 @pytest.mark.parametrize(("curve", "patience", "min_delta", "stopped_at"), [
@@ -416,7 +416,7 @@ def test_val_loss_uses_batches_sized_as_in_training(params):
     assert list(full_batch_starts(20, 8)) == [0, 8] and list(full_batch_starts(16, 8)) == [0, 8]
     assert list(full_batch_starts(5, 8)) == [0]  # a single batch is kept, short or not
     data = synthetic(20, seed=3)
-    val = Features(*(torch.from_numpy(data[k]) for k in ("image", "text", "label")), meta={})
+    val = FeatureSplit(*(torch.from_numpy(data[k]) for k in ("image", "text", "label")), meta={})
     torch.manual_seed(0)
     model = CrossModalHasher(model_config(params))
     runner = Runner(model, build_loss("contrastive", {"temperature": 0.5}), "strict")

@@ -13,15 +13,15 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
-from cmhash.choices.archs import ARCHS
-from cmhash.choices.datasets import DATASETS
-from cmhash.choices.losses import LOSSES
-from cmhash.choices.optimizers import OPTIMIZERS
-from cmhash.choices.schedules import SCHEDULES
-from cmhash.distributed import current_world
+from cmhash.config.choices.archs import ARCHS
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.losses import LOSSES
+from cmhash.config.choices.optimizers import OPTIMIZERS
+from cmhash.config.choices.schedules import SCHEDULES
 from cmhash.errors import CmhashError, ConfigError
-from cmhash.launch import DISTRIBUTED, one_process, self_launching
 from cmhash.pipeline import evaluate, extract, prepare, train_fusion, train_hash
+from cmhash.runtime.distributed import current_world
+from cmhash.runtime.launch import DISTRIBUTED, one_process, self_launching
 from cmhash.search import commands as search
 from cmhash.serve.command import serve
 

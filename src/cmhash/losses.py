@@ -3,7 +3,7 @@
 Row i of x is paired with row i of y; every other row of the batch is a negative for the
 contrastive losses. All losses here are symmetric: swapping x and y leaves the value unchanged.
 Each is registered by name, with its knobs (`losses.<name>` in params.yaml), in
-cmhash.choices.losses; build one with `build_loss(name, knobs)`.
+cmhash.config.choices.losses; build one with `build_loss(name, knobs)`.
 
 Under several processes (DDP) each rank holds b = B/W rows of the global batch of B. A
 contrastive loss then gathers both modalities' rows from every rank (with gradient) and scores
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmhash.choices.losses import LOSSES
-from cmhash.distributed import ONE_PROCESS, World, gather_rows_with_grad
-from cmhash.sections import Section
+from cmhash.config.choices.losses import LOSSES
+from cmhash.config.fields import Section
+from cmhash.runtime.distributed import ONE_PROCESS, World, gather_rows_with_grad
 
 log = logging.getLogger("cmhash")
 

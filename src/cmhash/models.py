@@ -1,6 +1,6 @@
 """UCMFH: a fusion transformer over CLIP features (task 0) and hash heads on top of it (task 1).
 
-Fusion architectures (params.yaml `model.arch`, registered in cmhash.choices.archs; each has its
+Fusion architectures (params.yaml `model.arch`, registered in cmhash.config.choices.archs; each has its
 own knobs in `model.<arch>`, and the hash heads theirs in `hash_head`, read by task 1 only):
   reference        concat(image, text) as one token -> TransformerEncoder (the public code)
   cross_attention  per-modality transformers, then cross-attention within the pair (the seed's variant)
@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from cmhash.choices.archs import ARCHS, CrossAttention, Transformer
-from cmhash.choices.archs import HashHead as HashHeadKnobs
+from cmhash.config.choices.archs import ARCHS, CrossAttention, HashHeadConfig, Transformer
+from cmhash.config.fields import Count, Section
 from cmhash.errors import ConfigError, DataError
-from cmhash.io import atomic_path
-from cmhash.safeload import save_state, torch_load
-from cmhash.sections import Count, Section
+from cmhash.io import atomic_path, save_state, torch_load
 
 PROTOCOLS = ("strict", "paired")
 
@@ -147,7 +145,7 @@ class ModelConfig(Section):
     knobs: dict[str, Any]  # model.<arch>
     feature_dim: Count
     bits: Count | None = None  # None: task 0 (fusion only)
-    hash_head: HashHeadKnobs | None = None  # task 1
+    hash_head: HashHeadConfig | None = None  # task 1
     loss: str = ""  # what it was trained with, for the record
     clip: dict[str, Any] = {}  # what its features were made with: clip_model, pretrained, random_init
 

@@ -1,20 +1,7 @@
-"""Retrieval metrics: MAP family (exact, tie-aware, chance, cosine) and curves (PR, P@N)."""
+"""Retrieval metrics and how they are shown.
 
-from cmhash.evaluation.curves import pr_curve, precision_at_n
-from cmhash.evaluation.ranking import (
-    chance_map,
-    cosine_map,
-    hamming_distances,
-    mean_average_precision,
-    tie_aware_map,
-)
-
-__all__ = [
-    "chance_map",
-    "cosine_map",
-    "hamming_distances",
-    "mean_average_precision",
-    "pr_curve",
-    "precision_at_n",
-    "tie_aware_map",
-]
+ranking.py        the Hamming ranking and the MAP family (exact, tie-aware, chance, cosine), numpy
+ranking_torch.py  MAP@K and MAP@all with torch, on any device (the GPU path)
+curves.py         precision-recall over Hamming radius and precision@N, for DVC plots
+tables.py         evaluate's paper-style MAP tables
+"""

@@ -35,12 +35,13 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from cmhash.config import EvaluateConfig, Params, load_params
-from cmhash.evaluation import pr_curve, precision_at_n
+from cmhash.config.options import ParamsOption
+from cmhash.config.schema import Params, load_params
+from cmhash.config.stages import EvaluateSettings
+from cmhash.evaluation.curves import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import Scores, chance_map, cosine_map, mean_average_precision, tie_aware_map
+from cmhash.evaluation.tables import DIRECTIONS, MapTable, file_stem, paper_tables
 from cmhash.io import all_or_nothing, atomic_dir, atomic_path, write_json
-from cmhash.options import ParamsOption
-from cmhash.tables import DIRECTIONS, MapTable, file_stem, paper_tables
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,7 @@ RANDOM_INIT_NOTE = "random-init CLIP features on synthetic data: these numbers t
 
 def reads(p: Params) -> dict[str, Any]:
     """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
-    return {"device": p.device, "bits": p.bits, "evaluate": p.evaluate}
+    return EvaluateSettings.of(p).reads()
 
 
 def hamming_map(device: torch.device) -> Callable[..., Scores]:
@@ -96,15 +97,14 @@ def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label
     return {"pr": pr, "precision_at_n": [{"bits": bits, "n": n, "precision": float(p)} for n, p in zip(ns, at_n)]}
 
 
-def run(device_name: str, bits_list: list[int], cfg: EvaluateConfig, features_dir: Path, fusion_path: Path, hash_dir: Path,
-        out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
-    from cmhash.device import resolve_device
-    from cmhash.features import check_width, load_features
+def run(settings: EvaluateSettings, features_dir: Path, fusion_path: Path, hash_dir: Path, out_dir: Path,
+        metrics_dir: Path) -> dict[str, Any]:
+    from cmhash.features.store import check_width, load_features
     from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
+    from cmhash.runtime.device import resolve_device
 
-    device = resolve_device(device_name)
-    topk = (*cfg.topk, None)
-    precision_at = cfg.precision_at
+    device = resolve_device(settings.device)
+    bits_list, topk, precision_at = settings.bits, (*settings.evaluate.topk, None), settings.evaluate.precision_at
     query, db = load_features(features_dir / "query.pkl", device), load_features(features_dir / "retrieval.pkl", device)
     # every model is loaded and checked against the features before any output is written
     checkpoints = {None: fusion_path, **{bits: hash_dir / str(bits) / "model.pt" for bits in bits_list}}
@@ -174,5 +174,4 @@ def command(
     metrics_dir: Annotated[Path, typer.Option(help="where map.json, map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
 ) -> None:
     """MAP@K, MAP@all, PR and precision@N curves: image->text and text->image, every code length, strict and paired."""
-    p = load_params(params)
-    run(p.device, p.bits, p.evaluate, features_dir, fusion, hash_dir, out_dir, metrics_dir)
+    run(EvaluateSettings.of(load_params(params)), features_dir, fusion, hash_dir, out_dir, metrics_dir)

@@ -2,7 +2,7 @@
 
 reads   stages/prepare/{split}.jsonl, labels.json, the images
         (data.name: features: stages/prepare/features/<split>.npz instead; no CLIP runs, see
-        cmhash.imported_features)
+        cmhash.features.precomputed)
 writes  stages/extract/{train,val,query,retrieval}.pkl  {'image','text','label','ids', ...metadata}
         stages/extract/skipped.jsonl (id, image path and reason of each undecodable image), metrics/extract.json
 work    stages/extract_shards/ (next to the output folder, not a DVC output, so DVC leaves it when it
@@ -22,18 +22,20 @@ from typing import Annotated, Any
 
 import typer
 
-from cmhash.config import ClipConfig, Params, load_params
+from cmhash.config.options import ParamsOption
+from cmhash.config.schema import Params, load_params
+from cmhash.config.stages import ExtractSettings
 from cmhash.data.manifest import SPLITS, read_split
+from cmhash.digests import digest
 from cmhash.errors import DataError
-from cmhash.options import ParamsOption
-from cmhash.shards import ShardStore, fingerprint
+from cmhash.features.shards import ShardStore
 
 log = logging.getLogger("cmhash")
 
 
 def reads(p: Params) -> dict[str, Any]:
     """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
-    return {"seed": p.seed, "device": p.device, "data.on_bad_item": p.data.on_bad_item, "clip": p.clip, "distributed": p.distributed}
+    return ExtractSettings.of(p).reads()
 
 
 def dataset_info(prepare_dir: Path) -> dict[str, Any]:
@@ -46,16 +48,8 @@ def dataset_info(prepare_dir: Path) -> dict[str, Any]:
     labels = json.loads(labels_path.read_text(encoding="utf-8"))
     files = [labels_path] + [prepare_dir / f"{split}.jsonl" for split in SPLITS]
     contents = [path.read_text(encoding="utf-8") if path.is_file() else None for path in files]
-    return {"dataset": labels["dataset"], "dataset_version": fingerprint(contents)[:16],
+    return {"dataset": labels["dataset"], "dataset_version": digest(contents)[:16],
             "dataset_options": labels.get("options"), "dataset_seed": labels.get("seed"), "label_names": list(labels["labels"])}
-
-
-def weights_note(meta: dict[str, Any]) -> str:
-    if meta["random_init"]:
-        return f"RANDOM init (seed {meta['seed']}), not trained CLIP: features and MAP say nothing about real CLIP"
-    if "checkpoint_sha256" in meta:
-        return f"checkpoint file {meta['pretrained']} (sha256 {meta['checkpoint_sha256']})"
-    return f"open_clip pretrained tag '{meta['pretrained']}'"
 
 
 def shard_folder(out_dir: Path) -> Path:
@@ -63,27 +57,28 @@ def shard_folder(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}_shards"
 
 
-def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, prepare_dir: Path, out_dir: Path, metrics_path: Path) -> None:
+def run(settings: ExtractSettings, prepare_dir: Path, out_dir: Path, metrics_path: Path) -> None:
     import numpy as np
 
-    from cmhash.clip import load_seeded_clip, weights_sha256
-    from cmhash.data import prepared_features
+    from cmhash.data import precomputed
     from cmhash.data.manifest import multi_hot
-    from cmhash.device import resolve_device
-    from cmhash.distributed import current_world
-    from cmhash.encoding import Encoder
-    from cmhash.extraction import extract_pairs
+    from cmhash.features.clip import load_seeded_clip, weights_note, weights_sha256
+    from cmhash.features.encoding import Encoder
+    from cmhash.features.extraction import extract_pairs
     from cmhash.io import all_or_nothing, atomic_write_text, save_pickle, write_json
-    from cmhash.precision import inference_precision
+    from cmhash.runtime.device import resolve_device
+    from cmhash.runtime.distributed import current_world
+    from cmhash.runtime.precision import inference_precision
 
+    seed, clip_cfg = settings.seed, settings.clip
     world = current_world()
-    if (imported := prepared_features.imported(prepare_dir)) is not None:  # data.name: features: no CLIP to run
+    if (prepared := precomputed.prepared(prepare_dir)) is not None:  # data.name: features: no CLIP to run
         if not world.main:
             return None  # nothing to share out: rank 0 writes them
-        from cmhash.imported_features import write_imported
+        from cmhash.features.precomputed import write_precomputed
 
-        return write_imported(seed, imported, prepare_dir, out_dir, metrics_path)
-    device = resolve_device(device_name)
+        return write_precomputed(seed, prepared, prepare_dir, out_dir, metrics_path)
+    device = resolve_device(settings.device)
     precision = inference_precision(clip_cfg.precision, device)
     data = dataset_info(prepare_dir)
     splits = {split: read_split(prepare_dir / f"{split}.jsonl") for split in SPLITS}
@@ -96,10 +91,10 @@ def run(seed: int, device_name: str, on_bad_item: str, clip_cfg: ClipConfig, pre
     if clip.meta["random_init"]:
         meta["weights_sha256"] = weights_sha256(clip.model)  # what the seed drew, on this torch
     # Everything the features depend on besides the pairs themselves (batch size only moves the last bits).
-    settings_key = fingerprint(meta, device.type)
+    settings_key = digest(meta, device.type)
     encoder = Encoder(clip, device, clip_cfg.batch_size, clip_cfg.num_workers, precision)
     store = ShardStore(shard_folder(out_dir))
-    encoded = extract_pairs(encoder, unique, clip_cfg.shard_size, store, settings_key, fail_on_bad=on_bad_item == "fail", world=world)
+    encoded = extract_pairs(encoder, unique, clip_cfg.shard_size, store, settings_key, fail_on_bad=settings.on_bad_item == "fail", world=world)
     if encoded is None:
         return None  # not rank 0: its shards are in the store, where rank 0 reads them
     if not encoded.ok.any():
@@ -144,5 +139,4 @@ def command(
 ) -> None:
     """CLIP features (open_clip) of every image and caption: one .pkl per split. An interrupted run
     resumes: re-run it and only the unfinished shards are encoded."""
-    p = load_params(params)
-    run(p.seed, p.device, p.data.on_bad_item, p.clip, prepare_dir, out_dir, metrics)
+    run(ExtractSettings.of(load_params(params)), prepare_dir, out_dir, metrics)

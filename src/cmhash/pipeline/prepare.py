@@ -4,7 +4,7 @@ reads   data.root in the dataset's original layout (nothing for the demo)
 writes  stages/prepare/{train,val,query,retrieval}.jsonl, labels.json, skipped.jsonl
         (+ stages/prepare/images/ for the demo)
         data.name: features (precomputed features, no images): stages/prepare/features/<split>.npz
-        and labels.json instead (cmhash.data.prepared_features)
+        and labels.json instead (cmhash.data.precomputed)
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ from typing import Annotated, Any
 
 import typer
 
-from cmhash.choices.datasets import DATASETS
-from cmhash.config import Data, Params, load_params
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.options import ParamsOption
+from cmhash.config.schema import Data, Params, load_params
+from cmhash.config.stages import PrepareSettings
 from cmhash.errors import DataError
-from cmhash.options import ParamsOption
 
 log = logging.getLogger("cmhash")
 
 
 def reads(p: Params) -> dict[str, Any]:
     """The params.yaml keys this stage reads (dvc.yaml lists exactly these)."""
-    d = p.data
-    return {"seed": p.seed, "data.name": d.name, "data.root": d.root, "data.on_bad_item": d.on_bad_item, f"data.{d.name}": d.options}
+    return PrepareSettings.of(p).reads()
 
 
-def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+def run(settings: PrepareSettings, out_dir: Path) -> dict[str, int]:
+    seed, data = settings.seed, settings.data
     if DATASETS.entry(data.name).meta.get("precomputed"):
-        return import_features(seed, data, out_dir)
+        return prepare_precomputed(seed, data, out_dir)
     from cmhash.data.datasets import build_collection
     from cmhash.data.datasets.common import NO_LABEL
     from cmhash.data.manifest import make_splits, write_label_names, write_split
@@ -67,15 +68,15 @@ def run(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def import_features(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
+def prepare_precomputed(seed: int, data: Data, out_dir: Path) -> dict[str, int]:
     """Feature files checked and normalised into arrays for extract; no manifests, nothing skipped."""
-    from cmhash.data import prepared_features
+    from cmhash.data import precomputed
     from cmhash.data.datasets import build_collection
     from cmhash.io import all_or_nothing
 
     features = build_collection(data.name, Path(data.root), data.options, out_dir, seed)
     with all_or_nothing():  # a failure part-way keeps the previous arrays, not a mix
-        prepared_features.save(out_dir, features, options=data.options.model_dump(), seed=seed)
+        precomputed.save(out_dir, features, options=data.options.model_dump(), seed=seed)
     counts = {split: len(arrays.ids) for split, arrays in features.splits.items()}
     log.info("prepare features: %s files from %s, %d labels, val %s; splits %s", features.format, data.root,
              len(features.label_names), features.val, counts)
@@ -87,5 +88,4 @@ def command(
     out_dir: Annotated[Path, typer.Option(help="where the manifests go.")] = Path("stages/prepare"),
 ) -> None:
     """Read a dataset (data.name; `demo` generates the offline one) into per-split manifests."""
-    p = load_params(params)
-    run(p.seed, p.data, out_dir)
+    run(PrepareSettings.of(load_params(params)), out_dir)

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cmhash.config import Params, load_params
-from cmhash.options import ParamsOption
-from cmhash.training.settings import TaskSettings
+from cmhash.config.options import ParamsOption
+from cmhash.config.schema import Params, load_params
+from cmhash.config.stages import TaskSettings
 
 
 def reads(p: Params) -> dict[str, Any]:

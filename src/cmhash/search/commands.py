@@ -16,10 +16,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cmhash.config import load_params
+from cmhash.config.options import ParamsOption
+from cmhash.config.schema import load_params
 from cmhash.data.manifest import SPLITS
 from cmhash.errors import ConfigError
-from cmhash.options import ParamsOption
 
 DEFAULT_BITS = 64
 BACKENDS = ("faiss", "milvus")
@@ -89,7 +89,7 @@ def search(
     elif kind == "image":
         picture = read_image(query, str(query))
     from cmhash.search.engine import Searcher
-    from cmhash.tables import search_table
+    from cmhash.search.results import search_table
 
     searcher = Searcher.load(index_dir, model, device, modality, item=item)
     if item:

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmhash.clip import caption_is_cut
-from cmhash.config import ClipConfig
-from cmhash.device import resolve_device
+from cmhash.config.schema import ClipConfig
 from cmhash.errors import CmhashError, ConfigError, DataError
-from cmhash.search.encoder import ClipEncoder, HashModel, load_hash_model
+from cmhash.features.clip import caption_is_cut
+from cmhash.features.encoding import ClipEncoder
+from cmhash.runtime.device import resolve_device
+from cmhash.search.hashing import HashModel, load_hash_model
 from cmhash.search.index import CodeIndex, CodeStore, code_store, hamming_topk, pack_codes
 from cmhash.search.queries import QueryError
 from cmhash.search.sources import SOURCES, Sources
@@ -92,12 +93,12 @@ def _searched(code_index: CodeIndex, modality: str, index_dir: Path) -> str:
 
 
 def _has_encoder(code_index: CodeIndex) -> bool:
-    """False for an index of imported features of an unknown CLIP model (data.features.clip_model: null)."""
+    """False for an index of precomputed features of an unknown CLIP model (data.features.clip_model: null)."""
     return code_index.meta["clip"].get("clip_model") is not None
 
 
 def _no_encoder(index_dir: Path) -> QueryError:
-    return QueryError(f"{index_dir} was built from imported features of an unknown CLIP model (data.features.clip_model: null): "
+    return QueryError(f"{index_dir} was built from precomputed features of an unknown CLIP model (data.features.clip_model: null): "
                       "a caption or an image cannot be encoded; query an indexed item instead (cmhash search --image-of ID or --text-of ID)")
 
 
@@ -107,7 +108,7 @@ class Searcher:
     `search_item` answer one query each. `cmhash search` asks one question, `cmhash serve` many, from
     worker threads: encoding holds a lock (one query through the models at a time, with all of
     torch's threads), the code search after it does not. `encoder` is None where there is no CLIP
-    model to encode with (imported features of an unknown one) or none is needed (`item` queries)."""
+    model to encode with (precomputed features of an unknown one) or none is needed (`item` queries)."""
 
     index: CodeIndex
     index_dir: Path
@@ -192,7 +193,7 @@ class Searcher:
         meta = self.index.meta
         notice = None
         if not _has_encoder(self.index):
-            notice = "codes come from imported features of an unknown CLIP model: a caption or an image cannot be searched with"
+            notice = "codes come from precomputed features of an unknown CLIP model: a caption or an image cannot be searched with"
         elif self.clip["random_init"]:
             notice = "codes come from a random-init CLIP (pretrained: none): results test the pipeline, not the method"
         return {"index": str(self.index_dir), "count": len(self.index.items), "bits": self.index.bits,

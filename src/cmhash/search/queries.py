@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from cmhash.data.captions import clean_caption
 from cmhash.errors import CmhashError
-from cmhash.text import clean_caption
 
 MAX_TEXT_CHARS = 1000  # CLIP reads 77 tokens; anything much longer is a mistake or abuse
 

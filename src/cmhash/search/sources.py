@@ -1,6 +1,6 @@
 """What `cmhash index` can index: a pipeline split (both modalities, from extract's features), a
 folder of images, or a captions file. Each source turns its input into items and CLIP features;
-CLIP itself loads only once the input has been checked. A hash model trained on imported features
+CLIP itself loads only once the input has been checked. A hash model trained on precomputed features
 of an unknown CLIP model (data.features.clip_model: null) has no encoder: only a split can be indexed."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 
 from cmhash.data.manifest import SPLITS, read_split
 from cmhash.errors import ConfigError, DataError
-from cmhash.features import Features, load_features
-from cmhash.progress import progress_bar
-from cmhash.search.encoder import ClipEncoder, HashModel
+from cmhash.features.encoding import ClipEncoder
+from cmhash.features.store import FeatureSplit, load_features
+from cmhash.runtime.progress import progress_bar
+from cmhash.search.hashing import HashModel
 
 log = logging.getLogger("cmhash")
 
@@ -30,7 +31,7 @@ MIN_COSINE = 0.999  # same encoder up to float noise (CPU vs GPU); another rando
 
 
 @dataclass
-class Collection:
+class SourceItems:
     items: list[dict[str, Any]]  # id, image and/or caption, labels (names)
     features: dict[str, np.ndarray]  # modality -> CLIP features [N, D], row i = items[i]
 
@@ -54,7 +55,7 @@ class Sources:
     @cached_property
     def encoder(self) -> ClipEncoder:
         if not self.has_encoder:
-            raise DataError(f"{self.hash_model.checkpoint} was trained on imported features of an unknown CLIP model "
+            raise DataError(f"{self.hash_model.checkpoint} was trained on precomputed features of an unknown CLIP model "
                             "(data.features.clip_model: null): images and captions cannot be encoded; index a split (--split)")
         return ClipEncoder.load(self.clip_settings, self.device, self.batch_size, self.num_workers)
 
@@ -64,7 +65,7 @@ class Sources:
         return self.encoder.settings if self.has_encoder else {k: self.clip_settings.get(k) for k in ("clip_model", "pretrained", "random_init")}
 
 
-def _from_split(split: str, ctx: Sources) -> Collection:
+def _from_split(split: str, ctx: Sources) -> SourceItems:
     """Both modalities of a pipeline split, from extract's features (nothing re-encoded but a check)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -75,7 +76,7 @@ def _from_split(split: str, ctx: Sources) -> Collection:
     if made_with != trained_on:
         raise DataError(f"{path} was made with CLIP {made_with} but {ctx.hash_model.checkpoint} was trained on {trained_on}; re-run `dvc repro`")
     if "source_files" in feats.meta:
-        return _imported(feats, path, ctx)
+        return _from_precomputed(feats, path, ctx)
     manifest = {it.id: it for it in read_split(ctx.prepare_dir / f"{split}.jsonl")}
     missing = [i for i in feats.meta["ids"] if i not in manifest]
     if missing:
@@ -86,21 +87,21 @@ def _from_split(split: str, ctx: Sources) -> Collection:
     image, text = feats.image.numpy(), feats.text.numpy()
     _check_encoder_reproduces(ctx.encoder, items[:VERIFY_ITEMS], image, text, path)
     rows = [{"id": it.id, "image": it.image, "caption": it.caption, "labels": [names[c] for c in it.labels]} for it in items]
-    return Collection(rows, {"image": image, "text": text})
+    return SourceItems(rows, {"image": image, "text": text})
 
 
-def _imported(feats: Features, path: Path, ctx: Sources) -> Collection:
-    """A split of imported features (data.name: features): ids and labels only, no image or caption
+def _from_precomputed(feats: FeatureSplit, path: Path, ctx: Sources) -> SourceItems:
+    """A split of precomputed features (data.name: features): ids and labels only, no image or caption
     to show or to re-encode as a check."""
     if ctx.has_encoder:
         _check_same_encoder(feats, path, ctx)
     names = list(feats.meta["label_names"])
     labels = feats.label.numpy()
     rows = [{"id": i, "labels": [names[c] for c in np.flatnonzero(row)]} for i, row in zip(feats.meta["ids"], labels, strict=True)]
-    return Collection(rows, {"image": feats.image.numpy(), "text": feats.text.numpy()})
+    return SourceItems(rows, {"image": feats.image.numpy(), "text": feats.text.numpy()})
 
 
-def _check_same_encoder(feats: Features, path: Path, ctx: Sources) -> None:
+def _check_same_encoder(feats: FeatureSplit, path: Path, ctx: Sources) -> None:
     for key in ("seed", "weights_sha256", "checkpoint_sha256"):  # recorded by extract: the encoder must be the same
         if feats.meta.get(key) is not None and feats.meta[key] != ctx.encoder.settings.get(key):
             raise DataError(f"{path} was extracted with CLIP {key} {feats.meta[key]}, the index would encode queries with "
@@ -124,7 +125,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _from_images(folder: Path, ctx: Sources) -> Collection:
+def _from_images(folder: Path, ctx: Sources) -> SourceItems:
     """Image codes of every image file under `folder` (recursive, sorted); unreadable ones are skipped."""
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
@@ -139,7 +140,7 @@ def _from_images(folder: Path, ctx: Sources) -> Collection:
     if bad:
         log.warning("skipped %d unreadable image(s), first: %s: %s", len(bad), paths[bad[0][0]], bad[0][1])
     keep = np.flatnonzero(ok)
-    return Collection([{"id": paths[i].relative_to(folder).as_posix(), "image": str(paths[i])} for i in keep], {"image": feats[keep]})
+    return SourceItems([{"id": paths[i].relative_to(folder).as_posix(), "image": str(paths[i])} for i in keep], {"image": feats[keep]})
 
 
 def _read_captions(path: Path) -> list[dict[str, Any]]:
@@ -165,14 +166,14 @@ def _read_captions(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _from_captions(path: Path, ctx: Sources) -> Collection:
+def _from_captions(path: Path, ctx: Sources) -> SourceItems:
     rows = _read_captions(path)
     encoder = ctx.encoder  # loaded (or refused) before the progress bar shows
     with progress_bar("index captions", total=len(rows), unit="cap") as advance:
         feats = encoder.captions([r["caption"] for r in rows], advance)
-    return Collection(rows, {"text": feats})
+    return SourceItems(rows, {"text": feats})
 
 
-SOURCES: dict[str, Callable[[Any, Sources], Collection]] = {"split": _from_split, "images": _from_images, "captions": _from_captions}
+SOURCES: dict[str, Callable[[Any, Sources], SourceItems]] = {"split": _from_split, "images": _from_images, "captions": _from_captions}
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cmhash.distributed import ONE_PROCESS, World, gather_rows
-from cmhash.features import Features
-from cmhash.progress import progress_bar
+from cmhash.features.store import FeatureSplit
+from cmhash.runtime.distributed import ONE_PROCESS, World, gather_rows
+from cmhash.runtime.progress import progress_bar
 from cmhash.training.monitor import Meter, pair_stats
 from cmhash.training.runner import Runner
 
@@ -58,7 +58,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.d
         yield batch[world.rank * share : (world.rank + 1) * share]
 
 
-def fit(state: TrainState, train: Features, *, epochs: int, batch_size: int, clip_grad_norm: float,
+def fit(state: TrainState, train: FeatureSplit, *, epochs: int, batch_size: int, clip_grad_norm: float,
         hooks: list[Hook], generator: torch.Generator) -> TrainState:
     network, world = state.runner.network, state.runner.world
     params = [p for group in state.optimizer.param_groups for p in group["params"]]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from cmhash.distributed import World, broadcast
 from cmhash.evaluation.ranking import cosine_map, mean_average_precision
-from cmhash.features import Features
+from cmhash.features.store import FeatureSplit
 from cmhash.models import encode, save_checkpoint, to_codes
+from cmhash.runtime.distributed import World, broadcast
 from cmhash.training.engine import Hook, TrainState, full_batch_starts
 from cmhash.training.monitor import Meter, pair_stats
 
@@ -26,7 +26,7 @@ class Validator:
     ratio, and val MAP@k - val pairs as queries against the train pairs as database, strict
     protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set."""
 
-    def __init__(self, val: Features, database: Features, *, every: int, epochs: int, batch_size: int, topk: int) -> None:
+    def __init__(self, val: FeatureSplit, database: FeatureSplit, *, every: int, epochs: int, batch_size: int, topk: int) -> None:
         self.val, self.database = val, database
         self.every, self.epochs, self.batch_size, self.topk = every, epochs, batch_size, topk
 

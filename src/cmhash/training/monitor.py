@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cmhash.distributed import all_gather_objects
+from cmhash.runtime.distributed import all_gather_objects
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Build the optimiser params.yaml `train.optimizer` names (cmhash.choices.optimizers) over named
+"""Build the optimiser params.yaml `train.optimizer` names (cmhash.config.choices.optimizers) over named
 param groups, each with its own lr."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cmhash.choices.optimizers import OPTIMIZERS, OptimizerConfig
+from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerConfig
 
 
 def build_optimizer(cfg: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

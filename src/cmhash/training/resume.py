@@ -25,7 +25,6 @@ resumes only with as many processes as it had.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import shutil
@@ -36,11 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cmhash.codedeps import ROOT, closure
-from cmhash.distributed import ONE_PROCESS, World, all_gather_objects, barrier, broadcast
 from cmhash.errors import ConfigError, DataError
-from cmhash.io import atomic_path
-from cmhash.safeload import save_state, torch_load
+from cmhash.io import atomic_path, save_state, torch_load
+from cmhash.runtime.distributed import ONE_PROCESS, World, all_gather_objects, barrier, broadcast
 from cmhash.training.engine import Hook, TrainState
 
 log = logging.getLogger("cmhash")
@@ -55,14 +52,6 @@ def tensor_digest(tensors: Iterable[Tensor]) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def code_digest() -> str:
-    """SHA-256 of the training code: every source file the training task imports."""
-    h = hashlib.sha256()
-    for f in closure("cmhash.training.task"):
-        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -87,6 +76,15 @@ def set_rng_state(saved: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(saved["batches"])
     if saved["cuda"] and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def remove_empty(folder: Path, up_to: int = 0) -> None:
+    """`folder` if empty, then up to `up_to` of its parents while they are empty too."""
+    for path in [folder, *list(folder.parents)[:up_to]]:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): stop here
+            return
 
 
 class RunFolder:
@@ -163,8 +161,7 @@ class RunFolder:
             with atomic_path(out_path) as tmp:
                 shutil.copyfile(self.best_path, tmp)
             self.clear()
-            with contextlib.suppress(OSError):  # only when empty
-                self.folder.rmdir()
+            remove_empty(self.folder, up_to=1)  # checkpoints/hash/<bits>/, then checkpoints/hash/ once every length is done
         barrier()
 
     def clear(self) -> None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cmhash.distributed import ONE_PROCESS, World
 from cmhash.models import CrossModalHasher
+from cmhash.runtime.distributed import ONE_PROCESS, World
 
 VIEWS = {"strict": ("strict",), "paired": ("paired",), "both": ("strict", "paired")}
 
 
-class Step(nn.Module):
+class BatchLoss(nn.Module):
     """One batch through the model and the loss: the loss summed over views, and the first view's
     outputs (for monitoring). Under several processes: this rank's rows of the global batch, and
     its part of the global loss (the mean over ranks of the parts is the global loss)."""
@@ -49,7 +49,7 @@ class Step(nn.Module):
         return total, monitored
 
 
-def data_parallel(step: Step, world: World) -> nn.Module:
+def data_parallel(step: BatchLoss, world: World) -> nn.Module:
     """The step as training calls it: itself on one process, else wrapped in DDP (which starts
     every rank from rank 0's weights and averages the gradients over ranks)."""
     if not world.distributed:
@@ -61,15 +61,15 @@ def data_parallel(step: Step, world: World) -> nn.Module:
 class Runner:
     def __init__(self, model: CrossModalHasher, loss: nn.Module, inputs: str, hash_weight: float | None = None,
                  world: World = ONE_PROCESS) -> None:
-        self.model, self.world = model, world
-        self.network = data_parallel(Step(model, loss, VIEWS[inputs], hash_weight, world), world)  # what training calls
-        self.local = Step(model, loss, VIEWS[inputs], hash_weight, ONE_PROCESS)  # the bare model, for validation
+        self.model, self.loss, self.world = model, loss, world
+        self.network = data_parallel(BatchLoss(model, loss, VIEWS[inputs], hash_weight, world), world)  # what training calls
+        self.local = BatchLoss(model, loss, VIEWS[inputs], hash_weight, ONE_PROCESS)  # the bare model, for validation
 
     @property
     def hashing(self) -> bool:
         return self.model.image_head is not None
 
     def step(self, image: Tensor, text: Tensor, *, local: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """A training step's loss and monitored outputs (see Step). `local`: the batch on its own,
+        """A training step's loss and monitored outputs (see BatchLoss). `local`: the batch on its own,
         through the bare model, nothing gathered (validation, which rank 0 runs alone)."""
         return (self.local if local else self.network)(image, text)

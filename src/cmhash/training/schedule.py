@@ -38,11 +38,11 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from cmhash.choices.schedules import SCHEDULES, Cosine, CosineRestarts, MultiStep, ScheduleBase, Step
-from cmhash.sections import Section
+from cmhash.config.choices.schedules import SCHEDULES, Cosine, CosineRestarts, MultiStep, ScheduleBase, StepDecay
+from cmhash.config.fields import Section
 
 # A main phase: (optimizer, its knobs, warm-up epochs, total epochs) -> scheduler run from the end
-# of warm-up. Each is registered by name, with its knobs, in cmhash.choices.schedules.
+# of warm-up. Each is registered by name, with its knobs, in cmhash.config.choices.schedules.
 MainPhase = Callable[[Optimizer, Any, int, int], LRScheduler]
 
 
@@ -54,7 +54,7 @@ def cosine_restarts(optimizer: Optimizer, knobs: CosineRestarts, warmup: int, ep
     return CosineAnnealingWarmRestarts(optimizer, T_0=knobs.first_period, T_mult=knobs.period_mult, eta_min=knobs.eta_min)
 
 
-def step(optimizer: Optimizer, knobs: Step, warmup: int, epochs: int) -> LRScheduler:
+def step(optimizer: Optimizer, knobs: StepDecay, warmup: int, epochs: int) -> LRScheduler:
     return StepLR(optimizer, step_size=knobs.step_size, gamma=knobs.gamma)
 
 

@@ -17,22 +17,20 @@ from typing import Any
 import torch
 from dvclive import Live
 
-from cmhash.device import resolve_device
-from cmhash.distributed import World, current_world
+from cmhash.config.stages import TaskSettings
+from cmhash.digests import code_digest
 from cmhash.errors import ConfigError
-from cmhash.features import check_width, load_features
+from cmhash.features.store import check_width, load_features
 from cmhash.io import atomic_dir
-from cmhash.losses import build_loss, warn_if_small_batch
-from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
-from cmhash.precision import Precision
-from cmhash.seeding import reseed_rank, seed_everything
-from cmhash.training.engine import TrainState, fit
+from cmhash.losses import warn_if_small_batch
+from cmhash.models import ModelConfig, load_checkpoint
+from cmhash.runtime.device import resolve_device
+from cmhash.runtime.distributed import World, check_batch_split, current_world
+from cmhash.runtime.seeding import reseed_rank, seed_everything
+from cmhash.training.engine import fit
 from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, OnMainRank, Validator
-from cmhash.training.optimizers import build_optimizer
-from cmhash.training.resume import RunFolder, code_digest, tensor_digest
-from cmhash.training.runner import Runner
-from cmhash.training.schedule import build_scheduler
-from cmhash.training.settings import TaskSettings
+from cmhash.training.resume import RunFolder, tensor_digest
+from cmhash.training.state import build_state, model_config
 
 log = logging.getLogger("cmhash")
 
@@ -51,7 +49,7 @@ def open_live(folder: Path) -> Iterator[Live | None]:
         yield live
 
 
-def fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor],
+def resume_fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor],
                 world: World) -> dict[str, Any]:
     """What a run's result depends on; a run resumes only into the same fingerprint. train.resume
     and the `distributed` section are left out (they do not change the result; the number of
@@ -60,15 +58,7 @@ def fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: lis
     reads.pop("train.resume")
     reads.pop("distributed")
     return {"settings": reads, "world_size": world.size, "bits": model.bits, "feature_dim": model.feature_dim,
-            "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest()}
-
-
-def check_batch_split(batch_size: int, n: int, world: World) -> None:
-    """train.batch_size is the global batch: each step's pairs must split evenly over the ranks."""
-    batch = min(batch_size, n)  # fewer training pairs than batch_size make one batch of them all
-    if batch % world.size:
-        raise ConfigError(f"train.batch_size is the global batch, split evenly over the processes: {batch} pairs per step "
-                          f"do not divide by {world.size} processes; use a multiple of {world.size}")
+            "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest("cmhash.training.task")}
 
 
 def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, live: Live | None, checkpoint_dir: Path,
@@ -84,37 +74,21 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
     device = resolve_device(settings.device)
     train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
     check_batch_split(t.batch_size, len(train), world)
-    loss = build_loss(settings.loss, settings.loss_knobs)
+    config = model_config(settings, train.dim, bits, {k: train.meta.get(k) for k in ("clip_model", "pretrained", "random_init")})
+    state = build_state(settings, config, device, world=world)
     if world.main:  # one warning for the job; the loss sees the global batch
-        warn_if_small_batch(loss, t.batch_size)
-
-    config = ModelConfig(arch=settings.arch, knobs=settings.arch_knobs.model_dump(), feature_dim=train.dim, bits=bits,
-                         hash_head=settings.hash_head if bits else None, loss=settings.loss,
-                         clip={k: train.meta.get(k) for k in ("clip_model", "pretrained", "random_init")})
-    model = CrossModalHasher(config).to(device)
+        warn_if_small_batch(state.runner.loss, t.batch_size)
     init: list[torch.Tensor] = []
     if init_from is not None:  # task 1 starts from the fusion stage's weights, then fine-tunes them
         upstream, _ = load_checkpoint(init_from, device)
         check_width(train, features_dir / "train.pkl", init_from, upstream.config.feature_dim)
         if upstream.config.fusion_part() != config.fusion_part():
             raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
-        model.fusion.load_state_dict(upstream.fusion.state_dict())
+        state.runner.model.fusion.load_state_dict(upstream.fusion.state_dict())
         init = list(upstream.fusion.state_dict().values())
     reseed_rank(settings.seed, world.rank)  # the same initial weights on every rank, dropout of its own
-
-    groups = [{"name": "fusion", "params": model.fusion.parameters(), "lr": stage.fusion_lr if bits else stage.lr}]
-    if bits:
-        heads = [*model.image_head.parameters(), *model.text_head.parameters()]
-        groups.append({"name": "hash", "params": heads, "lr": stage.lr})
-    optimizer = build_optimizer(t.optimizer, groups)
-    state = TrainState(
-        runner=Runner(model, loss, t.inputs, stage.hash_weight if bits else None, world),
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, t.schedule, stage.epochs),
-        precision=Precision(t.precision, device),
-    )
     data = [train.image, train.text, train.label, val.image, val.text, val.label]
-    run = RunFolder(checkpoint_dir, fingerprint(settings, task, config, data, init, world), world)
+    run = RunFolder(checkpoint_dir, resume_fingerprint(settings, task, config, data, init, world), world)
     hooks = []  # rank 0's: the other ranks follow its decisions
     if world.main:
         live.step = 0

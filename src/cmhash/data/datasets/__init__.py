@@ -1,18 +1,18 @@
 """Dataset importers: `data.name` in params.yaml -> the importer that builds its `Collection` (or,
 for precomputed features, its `FeatureSet`), with its options in `data.<name>` (both registered in
-cmhash.choices.datasets)."""
+cmhash.config.choices.datasets)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cmhash.choices.datasets import DATASETS
-from cmhash.data.datasets import coco, demo, features, manifest_file, mirflickr, nuswide  # noqa: F401  (the importers DATASETS names)
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.fields import Section
+from cmhash.data.datasets import coco, demo, manifest_file, mirflickr, nuswide, precomputed  # noqa: F401  (the importers DATASETS names)
 from cmhash.data.datasets.common import LayoutError
 from cmhash.data.manifest import Collection
-from cmhash.data.prepared_features import FeatureSet
+from cmhash.data.precomputed import FeatureSet
 from cmhash.errors import DataError
-from cmhash.sections import Section
 
 
 def build_collection(name: str, root: Path, opts: Section, out_dir: Path, seed: int) -> Collection | FeatureSet:

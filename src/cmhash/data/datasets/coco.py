@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmhash.choices.datasets import Coco
+from cmhash.config.choices.datasets import Coco
+from cmhash.data.captions import clean_caption
 from cmhash.data.datasets.common import (
     ItemSink,
     require_dir,
@@ -29,7 +30,6 @@ from cmhash.data.datasets.common import (
 )
 from cmhash.data.manifest import Collection
 from cmhash.errors import DataError
-from cmhash.text import clean_caption
 
 PARTS = ("train2014", "val2014")
 

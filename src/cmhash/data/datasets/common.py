@@ -1,7 +1,7 @@
 """What every dataset importer shares: required-path checks with one-line errors, and the
 per-item checks that turn a bad pair into a `Skipped` entry. An importer is
 `build_X(root, opts, out_dir, seed) -> Collection`: `root` is `data.root`, `opts` its
-`data.<name>` section (cmhash.choices.datasets), `out_dir` the prepare stage's folder (only the
+`data.<name>` section (cmhash.config.choices.datasets), `out_dir` the prepare stage's folder (only the
 demo writes there)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from cmhash.data.captions import clean_caption
 from cmhash.data.manifest import Collection, Item, Skipped
 from cmhash.errors import DataError
-from cmhash.text import clean_caption
 
 # Reasons an item is left out. Stable strings: the skipped report and tests use them.
 DUPLICATE_ID = "duplicate id"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cmhash.choices.datasets import Demo
+from cmhash.config.choices.datasets import Demo
 from cmhash.data.manifest import Collection, Item
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at any image size

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmhash.choices.datasets import Manifest
+from cmhash.config.choices.datasets import Manifest
 from cmhash.data.datasets.common import ItemSink, read_text, require_file, require_root
 from cmhash.data.manifest import Collection
 from cmhash.errors import ConfigError, DataError

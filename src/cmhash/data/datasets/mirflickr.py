@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cmhash.choices.datasets import Mirflickr
+from cmhash.config.choices.datasets import Mirflickr
 from cmhash.data.datasets.common import ItemSink, read_lines, require_dir, require_file, require_root
 from cmhash.data.manifest import Collection
 from cmhash.errors import DataError

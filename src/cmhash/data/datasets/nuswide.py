@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cmhash.choices.datasets import Nuswide
+from cmhash.config.choices.datasets import Nuswide
 from cmhash.data.datasets.common import (
     ItemSink,
     missing,

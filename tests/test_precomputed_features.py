@@ -21,7 +21,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from cmhash.data.manifest import read_split
-from cmhash.features import load_features
+from cmhash.features.store import load_features
 from cmhash.search.engine import Searcher
 from cmhash.search.index import CodeIndex, pack_codes
 from cmhash.serve.app import create_app
@@ -315,7 +315,7 @@ def test_a_clip_model_of_another_width_is_refused_by_extract(features_params, in
     params_file = features_params(clip_model="cmhash-tiny", pretrained="none")
     ok(invoke("prepare", "--params", params_file))
     assert one_line_error(invoke("extract", "--params", params_file)) == (
-        "error: the imported features are 8 wide but CLIP cmhash-tiny makes 32-wide features (data.features.clip_model); "
+        "error: the precomputed features are 8 wide but CLIP cmhash-tiny makes 32-wide features (data.features.clip_model); "
         "name the model they were made with, or null")
     assert not Path("stages/extract").exists()
     params_file = features_params(clip_model="ViT-Nope", pretrained="openai")
@@ -379,7 +379,7 @@ def hamming(query: np.ndarray, db: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_without_a_clip_model_text_and_image_queries_are_refused(in_unknown_clip_pipeline, invoke, one_line_error, tmp_path):
-    expected = ("error: stages/index was built from imported features of an unknown CLIP model (data.features.clip_model: null): "
+    expected = ("error: stages/index was built from precomputed features of an unknown CLIP model (data.features.clip_model: null): "
                 "a caption or an image cannot be encoded; query an indexed item instead (cmhash search --image-of ID or --text-of ID)")
     assert one_line_error(invoke("search", "--text", "a dog on a beach")) == expected
     picture = tmp_path / "q.png"
@@ -424,7 +424,7 @@ def test_serve_without_a_clip_model_refuses_text_and_images_and_goes_on(in_unkno
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/api/items/0/image").status_code == 404  # no images to serve
     info = client.get("/api/info").json()
-    assert info["count"] == 40 and info["notice"].startswith("codes come from imported features of an unknown CLIP model")
+    assert info["count"] == 40 and info["notice"].startswith("codes come from precomputed features of an unknown CLIP model")
 
 
 def _png() -> bytes:

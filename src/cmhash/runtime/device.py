@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cmhash.distributed import current_world
+from cmhash.config.fields import DEVICE_NAME
 from cmhash.errors import ConfigError
-from cmhash.sections import DEVICE_NAME
+from cmhash.runtime.distributed import current_world
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,7 +15,7 @@ from cmhash.io import load_pickle
 
 
 @dataclass
-class Features:
+class FeatureSplit:
     image: Tensor  # [N, D] float32
     text: Tensor  # [N, D] float32
     label: Tensor  # [N, C] multi-hot
@@ -29,7 +29,7 @@ class Features:
         return self.image.shape[1]
 
 
-def load_features(path: Path | str, device: torch.device | str = "cpu") -> Features:
+def load_features(path: Path | str, device: torch.device | str = "cpu") -> FeatureSplit:
     data = load_pickle(path)
     if not isinstance(data, dict) or not {"image", "text", "label"} <= data.keys():
         raise DataError(f"{path}: a feature file must be a dict with 'image', 'text' and 'label'")
@@ -48,10 +48,10 @@ def load_features(path: Path | str, device: torch.device | str = "cpu") -> Featu
         raise DataError(f"{path}: features contain NaN or inf; re-run `cmhash extract`")
     meta = {k: v for k, v in data.items() if k not in ("image", "text", "label")}
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
-    return Features(as_tensor(image), as_tensor(text), as_tensor(label), meta)
+    return FeatureSplit(as_tensor(image), as_tensor(text), as_tensor(label), meta)
 
 
-def check_width(features: Features, path: Path | str, checkpoint: Path | str, feature_dim: int) -> None:
+def check_width(features: FeatureSplit, path: Path | str, checkpoint: Path | str, feature_dim: int) -> None:
     """Features must be as wide as the model that reads them was trained on (the same CLIP)."""
     if features.dim != feature_dim:
         raise DataError(f"{path}: features are {features.dim} wide but {checkpoint} was trained on {feature_dim}; "

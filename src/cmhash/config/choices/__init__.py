@@ -1,5 +1,5 @@
 """The named choices of params.yaml, one registry each, with every entry's knobs. Pure config:
-nothing here imports torch or the implementations (see cmhash.registry).
+nothing here imports torch or the implementations (see cmhash.config.registry).
 
 losses.py      `loss` and `losses.<name>`                 implementations: cmhash.losses
 archs.py       `model.arch`, `model.<arch>`, `hash_head`   cmhash.models

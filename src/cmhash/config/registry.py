@@ -1,5 +1,5 @@
 """One registry pattern for every named choice in params.yaml: losses, fusion architectures, lr
-schedules, datasets and optimisers (`cmhash.choices`).
+schedules, datasets and optimisers (`cmhash.config.choices`).
 
 An entry is a name, its knobs - a config section (a pydantic model whose fields all have
 defaults) that becomes `<section>.<name>` in params.yaml - and where its implementation lives
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmhash.config.fields import Section
 from cmhash.errors import ConfigError
-from cmhash.sections import Section
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Imported features (`data.name: features`) as `prepare` hands them to `extract`, checked and
+"""Precomputed features (`data.name: features`) as `prepare` hands them to `extract`, checked and
 normalised, one file per split:
 
     stages/prepare/features/<split>.npz   image, text float32 [N, D]; label uint8 [N, C]; ids str [N]
@@ -57,8 +57,8 @@ def save(out_dir: Path, features: FeatureSet, **about: Any) -> None:
     write_label_names(out_dir / "labels.json", "features", features.label_names, **about, precomputed=precomputed)
 
 
-def imported(prepare_dir: Path) -> dict[str, Any] | None:
-    """labels.json, if prepare imported features; None for a dataset of images (or no labels.json yet)."""
+def prepared(prepare_dir: Path) -> dict[str, Any] | None:
+    """labels.json, if prepare precomputed features; None for a dataset of images (or no labels.json yet)."""
     path = prepare_dir / "labels.json"
     labels = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return labels if "precomputed" in labels else None
@@ -67,7 +67,7 @@ def imported(prepare_dir: Path) -> dict[str, Any] | None:
 def load(prepare_dir: Path, split: str) -> SplitArrays:
     path = prepare_dir / FOLDER / f"{split}.npz"
     if not path.is_file():
-        raise DataError(f"imported features not found: {path} (run `cmhash prepare` first)")
+        raise DataError(f"precomputed features not found: {path} (run `cmhash prepare` first)")
     with np.load(path, allow_pickle=False) as z:
         return SplitArrays(z["image"], z["text"], z["label"], [str(i) for i in z["ids"]])
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cmhash.choices.datasets import Features
+from cmhash.config.choices.datasets import Precomputed
+from cmhash.data.array_files import FORMATS, ArrayFile, format_of, read_array_file
 from cmhash.data.datasets.common import require_root
-from cmhash.data.feature_files import FORMATS, ArrayFile, format_of, read_array_file
 from cmhash.data.manifest import SPLITS
-from cmhash.data.prepared_features import FeatureSet, SplitArrays
+from cmhash.data.precomputed import FeatureSet, SplitArrays
 from cmhash.errors import ConfigError, DataError
 from cmhash.io import file_sha256
 
@@ -30,7 +30,7 @@ REQUIRED = ("train", "query", "retrieval")
 ROLES = ("image", "text", "label")
 
 
-def build_features(root: Path, opts: Features, out_dir: Path, seed: int) -> FeatureSet:
+def build_precomputed(root: Path, opts: Precomputed, out_dir: Path, seed: int) -> FeatureSet:
     root = Path(root)
     if (opts.clip_model is None) != (opts.pretrained is None):
         raise ConfigError("data.features.clip_model and data.features.pretrained go together: give both "
@@ -59,7 +59,7 @@ def build_features(root: Path, opts: Features, out_dir: Path, seed: int) -> Feat
     return FeatureSet({split: splits[split] for split in SPLITS}, label_names, fmt, sources, val)
 
 
-def _locate(root: Path, opts: Features) -> tuple[str, dict[str, Path], bool]:
+def _locate(root: Path, opts: Precomputed) -> tuple[str, dict[str, Path], bool]:
     """(format, the file of each split found, whether one file holds every split)."""
     formats = list(FORMATS) if opts.format == "auto" else [opts.format]
     if opts.file is not None:

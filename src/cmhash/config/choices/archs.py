@@ -3,8 +3,8 @@ hash heads' knobs (`hash_head`), read by task 1 only."""
 
 from __future__ import annotations
 
-from cmhash.registry import Registry
-from cmhash.sections import Count, Probability, Section
+from cmhash.config.fields import Count, Probability, Section
+from cmhash.config.registry import Registry
 
 ARCHS = Registry("fusion architecture")
 
@@ -27,7 +27,7 @@ class CrossAttention(Transformer):
     attention_dropout: Probability = 0.1  # on the cross-attention weights
 
 
-class HashHead(Section):
+class HashHeadConfig(Section):
     """The image and text hash heads (task 1)."""
 
     hidden: Count = 4096

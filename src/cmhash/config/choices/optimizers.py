@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from cmhash.registry import Registry
-from cmhash.sections import NonNegative, Probability, Section
+from cmhash.config.fields import NonNegative, Probability, Section
+from cmhash.config.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.add("adam", "torch.optim:Adam", summary="Adam.")

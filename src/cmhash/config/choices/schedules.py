@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator
 
-from cmhash.registry import Registry
-from cmhash.sections import Count, NonNegative, NonNegativeInt, Positive, Section
+from cmhash.config.fields import Count, NonNegative, NonNegativeInt, Positive, Section
+from cmhash.config.registry import Registry
 
 SCHEDULES = Registry("schedule")
 Decay = Annotated[Positive, Field(le=1)]  # an lr multiplier at a drop
@@ -32,7 +32,7 @@ class CosineRestarts(Cosine):
 
 
 @SCHEDULES.register("step", "cmhash.training.schedule:step")
-class Step(Section):
+class StepDecay(Section):
     """x gamma every step_size epochs, counted from the end of warm-up."""
 
     step_size: Count = 10
@@ -55,7 +55,7 @@ class MultiStep(Section):
 
 
 class ScheduleBase(Section):
-    """The knobs every schedule shares; `cmhash.config` adds one section per registered schedule."""
+    """The knobs every schedule shares; `cmhash.config.schema` adds one section per registered schedule."""
 
     name: Annotated[str, AfterValidator(SCHEDULES.validate)] = "constant"
     warmup_epochs: NonNegativeInt = 0  # linear warm-up from warmup_lr to each param group's lr

@@ -1,5 +1,5 @@
 """A work folder of finished shards, so a long job that is interrupted redoes only what it had not
-finished. Each shard is a file named by a fingerprint of everything its contents depend on, so a
+finished. Each shard is a file named by a digest of everything its contents depend on, so a
 shard made with other settings or other inputs is never reused, only left unread.
 
 DVC deletes a stage's declared outputs before it re-runs the stage: the work folder must not be
@@ -8,8 +8,6 @@ one of them (extract keeps its shards in stages/extract_shards/, next to stages/
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,11 +17,6 @@ from cmhash.errors import DataError
 from cmhash.io import load_pickle, save_pickle
 
 log = logging.getLogger("cmhash")
-
-
-def fingerprint(*parts: Any) -> str:
-    """SHA-256 of JSON-serialisable parts, in order (dict keys sorted)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 class ShardStore:

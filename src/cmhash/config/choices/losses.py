@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from cmhash.registry import Registry
-from cmhash.sections import NonNegative, Positive, Section
+from cmhash.config.fields import NonNegative, Positive, Section
+from cmhash.config.registry import Registry
 
 LOSSES = Registry("loss")
 

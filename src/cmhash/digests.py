@@ -1,14 +1,23 @@
-"""The project's own source files that a module imports, directly or through others: a stage's
-code dependencies (dvc.yaml `deps` must cover them) and the code a training run depends on (its
-resume fingerprint). Found by reading import statements, not by running anything."""
+"""Digests: of JSON-able settings (shard names, dataset versions), and of the project's own source
+files that a module imports, directly or through others - a stage's code dependencies (dvc.yaml
+`deps` must cover them) and the code a training run depends on (part of its resume fingerprint).
+Imports are found by reading import statements, not by running anything."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "cmhash"
 ROOT = Path(__file__).parent  # the cmhash package folder
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 of JSON-serialisable parts, in order (dict keys sorted)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _file(module: str) -> Path | None:
@@ -56,3 +65,11 @@ def closure(module: str) -> list[Path]:
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages
         todo += sorted(_imports(path, name))
     return sorted(set(seen.values()))
+
+
+def code_digest(module: str) -> str:
+    """SHA-256 of the source files `module` imports (closure), by path relative to the package."""
+    h = hashlib.sha256()
+    for f in closure(module):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()

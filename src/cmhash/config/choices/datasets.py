@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StrictInt
 
-from cmhash.registry import Registry
-from cmhash.sections import Count, Fraction, Section
+from cmhash.config.fields import Count, Fraction, Section
+from cmhash.config.registry import Registry
 
 DATASETS = Registry("dataset")
 DEMO_MAX_OBJECTS = 4  # more shapes side by side would shrink below recognition at small image sizes
@@ -107,8 +107,8 @@ class SplitNames(Section):
     retrieval: ArrayNames = ArrayNames(image="I_db", text="T_db", label="L_db")
 
 
-@DATASETS.register("features", "cmhash.data.datasets.features:build_features", precomputed=True)
-class Features(Section):
+@DATASETS.register("features", "cmhash.data.datasets.precomputed:build_precomputed", precomputed=True)
+class Precomputed(Section):
     """Precomputed CLIP features (.pkl, .npz or .mat files), no images: splits as the files give them."""
 
     format: Literal["auto", "pickle", "npz", "mat"] = "auto"  # auto: from the files' extensions

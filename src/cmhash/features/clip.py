@@ -15,9 +15,8 @@ import open_clip
 import torch
 
 from cmhash.errors import ConfigError
-from cmhash.io import file_sha256
-from cmhash.safeload import unpickling_error
-from cmhash.seeding import seed_everything
+from cmhash.io import file_sha256, unpickling_error
+from cmhash.runtime.seeding import seed_everything
 
 log = logging.getLogger("cmhash")
 
@@ -140,3 +139,12 @@ def load_seeded_clip(model_name: str, pretrained: str, seed: int, device: torch.
     if clip.meta["random_init"]:
         clip.meta["seed"] = seed
     return clip
+
+
+def weights_note(meta: dict[str, Any]) -> str:
+    """Where extracted features' CLIP weights came from, as metrics/extract.json and logs say it."""
+    if meta["random_init"]:
+        return f"RANDOM init (seed {meta['seed']}), not trained CLIP: features and MAP say nothing about real CLIP"
+    if "checkpoint_sha256" in meta:
+        return f"checkpoint file {meta['pretrained']} (sha256 {meta['checkpoint_sha256']})"
+    return f"open_clip pretrained tag '{meta['pretrained']}'"

@@ -1,7 +1,7 @@
 """params.yaml as typed, frozen sections, parsed and checked once, when a command starts.
 
 Every knob's type, allowed values and default live here or, for a registered choice (a loss, a
-fusion architecture, an lr schedule, a dataset), with the entry in cmhash.choices: the `losses`,
+fusion architecture, an lr schedule, a dataset), with the entry in cmhash.config.choices: the `losses`,
 `model`, `train.schedule` and `data` sections get one sub-section per registered name. Nothing
 here imports torch, so a mistake is reported at once.
 A mistake anywhere in the file is one ConfigError line naming the key (with the closest valid
@@ -17,14 +17,14 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, model_validator
 
-from cmhash.choices.archs import ARCHS, HashHead
-from cmhash.choices.datasets import DATASETS
-from cmhash.choices.losses import LOSSES
-from cmhash.choices.optimizers import OptimizerConfig
-from cmhash.choices.schedules import SCHEDULES, ScheduleBase
+from cmhash.config.choices.archs import ARCHS, HashHeadConfig
+from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.losses import LOSSES
+from cmhash.config.choices.optimizers import OptimizerConfig
+from cmhash.config.choices.schedules import SCHEDULES, ScheduleBase
+from cmhash.config.fields import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Section
+from cmhash.config.registry import Registry
 from cmhash.errors import ConfigError
-from cmhash.registry import Registry
-from cmhash.sections import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Section
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -151,7 +151,7 @@ class Params(Section):
     data: Data = Data()
     clip: ClipConfig = ClipConfig()
     model: Model = Model()
-    hash_head: HashHead = HashHead()
+    hash_head: HashHeadConfig = HashHeadConfig()
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from cmhash.data.manifest import Item, Skipped
-from cmhash.distributed import ONE_PROCESS, World, all_gather_objects
-from cmhash.encoding import Encoder, chunks, no_progress
+from cmhash.digests import digest
 from cmhash.errors import DataError
-from cmhash.progress import progress_bar
-from cmhash.shards import ShardStore, fingerprint
+from cmhash.features.encoding import Encoder, chunks, no_progress
+from cmhash.features.shards import ShardStore
+from cmhash.runtime.distributed import ONE_PROCESS, World, all_gather_objects
+from cmhash.runtime.progress import progress_bar
 
 log = logging.getLogger("cmhash")
 
@@ -41,7 +42,7 @@ def _pair_identity(item: Item) -> list:
 
 
 def plan_shards(items: list[Item], shard_size: int, settings_key: str) -> list[Shard]:
-    return [Shard(chunk, fingerprint(settings_key, [_pair_identity(it) for it in chunk])) for chunk in chunks(items, shard_size)]
+    return [Shard(chunk, digest(settings_key, [_pair_identity(it) for it in chunk])) for chunk in chunks(items, shard_size)]
 
 
 def _encode_shards(encoder: Encoder, shards: list[Shard], advance) -> Iterator[tuple[Shard, dict[str, Any]]]:

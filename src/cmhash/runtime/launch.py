@@ -12,16 +12,14 @@ from collections.abc import Callable
 
 import typer
 
-from cmhash.config import Params, load_params
-from cmhash.distributed import World, current_world, process_group, relaunch, under_launcher
+from cmhash.config.schema import Params, load_params
 from cmhash.errors import ConfigError
+from cmhash.runtime.distributed import World, check_batch_split, current_world, process_group, relaunch, under_launcher
 
 DISTRIBUTED = {"extract", "train-fusion", "train-hash"}  # the stages that run in several processes
 
 
 def _batch_splits(p: Params, processes: int) -> None:
-    from cmhash.training.task import check_batch_split
-
     check_batch_split(p.train.batch_size, p.train.batch_size, World(size=processes))
 
 
@@ -43,7 +41,7 @@ def self_launching(fn: Callable) -> Callable:
         world = current_world()
         if not world.distributed:
             return fn(**kwargs)
-        from cmhash.device import resolve_device
+        from cmhash.runtime.device import resolve_device
 
         rank_logs(world.rank)
         with process_group(p.distributed, resolve_device(p.device).type):

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from cmhash.config import DistributedConfig
-from cmhash.errors import CmhashError
+from cmhash.config.schema import DistributedConfig
+from cmhash.errors import CmhashError, ConfigError
 
 # torchrun sets this in every worker it starts; its absence means "not under torchrun".
 LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"
@@ -226,3 +226,10 @@ def _gather_rows_function() -> type:
 
     return GatherRows
 
+
+def check_batch_split(batch_size: int, n: int, world: World) -> None:
+    """train.batch_size is the global batch: each step's pairs must split evenly over the ranks."""
+    batch = min(batch_size, n)  # fewer training pairs than batch_size make one batch of them all
+    if batch % world.size:
+        raise ConfigError(f"train.batch_size is the global batch, split evenly over the processes: {batch} pairs per step "
+                          f"do not divide by {world.size} processes; use a multiple of {world.size}")

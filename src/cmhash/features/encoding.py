@@ -1,19 +1,22 @@
 """CLIP encoding: images and captions to float32 features, in batches, on a device and in a
-precision, with images decoded in DataLoader worker processes. Used by `extract` for whole
-collections and by search for queries."""
+precision, with images decoded in DataLoader worker processes. `Encoder` is what `extract` runs
+over whole collections; `ClipEncoder` rebuilds the same CLIP from what an index or a feature file
+recorded, for search and serve's queries. Nothing else in cmhash runs CLIP."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cmhash.clip import Clip
-from cmhash.precision import Precision
+from cmhash.errors import DataError
+from cmhash.features.clip import Clip, load_seeded_clip, weights_sha256
+from cmhash.runtime.precision import Precision
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -110,3 +113,41 @@ def encode_captions(clip: Clip, captions: list[str], device: torch.device, batch
     return np.concatenate(feats)
 
 
+@dataclass
+class ClipEncoder:
+    clip: Clip
+    seed: int
+    device: torch.device
+    batch_size: int = 1
+    num_workers: int = 0
+
+    @classmethod
+    def load(cls, settings: dict[str, Any], device: torch.device, batch_size: int = 1, num_workers: int = 0) -> ClipEncoder:
+        """settings: {clip_model, pretrained, seed[, checkpoint_sha256, weights_sha256]}, as an index
+        or a feature file records them; a recorded digest must match the weights rebuilt here."""
+        seed = int(settings["seed"])
+        clip = load_seeded_clip(str(settings["clip_model"]), str(settings["pretrained"]), seed, device)
+        if clip.meta["random_init"]:  # drawn from the seed: record which weights it drew (on this torch)
+            clip.meta["weights_sha256"] = weights_sha256(clip.model)
+        for digest in ("checkpoint_sha256", "weights_sha256"):
+            if settings.get(digest) and clip.meta.get(digest) != settings[digest]:
+                raise DataError(f"CLIP {settings['clip_model']} ({settings['pretrained']}, seed {seed}) does not rebuild the weights "
+                                f"recorded ({digest} differs: another seed, weights file or torch version); rebuild with the settings extract used")
+        return cls(clip, seed, device, batch_size, num_workers)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What an index records to rebuild this encoder: the CLIP model, its weights, the seed."""
+        return {**{k: v for k, v in self.clip.meta.items() if k != "preprocess"}, "seed": self.seed}
+
+    def images(self, paths: list[str], advance=no_progress) -> tuple[np.ndarray | None, np.ndarray, list[tuple[int, str]]]:
+        return encode_images(self.clip, paths, self.device, self.batch_size, self.num_workers, advance)
+
+    def captions(self, captions: list[str], advance=no_progress) -> np.ndarray:
+        return encode_captions(self.clip, captions, self.device, self.batch_size, advance)
+
+    @torch.inference_mode()
+    def image(self, image: Image.Image) -> np.ndarray:
+        """Features [1, D] of one decoded RGB image (a query), preprocessed as extract preprocesses files."""
+        pixels = self.clip.preprocess(image)[None].to(self.device)
+        return self.clip.model.encode_image(pixels).float().cpu().numpy()

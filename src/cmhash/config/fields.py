@@ -1,6 +1,6 @@
 """The building blocks of the typed configuration: a frozen `Section` base (one per params.yaml
 mapping) and the value types its fields use. Registered entries (losses, architectures, lr
-schedules, datasets) declare their knobs with these; `cmhash.config` assembles the whole schema.
+schedules, datasets) declare their knobs with these; `cmhash.config.schema` assembles the whole schema.
 """
 
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""What each stage reads from params.yaml, as one frozen settings object per stage: built by the
+stage's command before anything heavy is imported (a config mistake answers at once), handed to
+its `run`, and the one list of the keys the stage depends on (`reads()`; dvc.yaml lists exactly
+these, a test holds the two together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cmhash.config.choices.archs import HashHeadConfig
+from cmhash.config.choices.schedules import ScheduleBase
+from cmhash.config.schema import ClipConfig, Data, DistributedConfig, EvaluateConfig, FusionTrain, HashTrain, Params, TrainConfig
+
+TRAIN_COMMON = [name for name in TrainConfig.model_fields if name not in ("fusion", "hash")]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    seed: int
+    data: Data
+
+    @classmethod
+    def of(cls, p: Params) -> PrepareSettings:
+        return cls(seed=p.seed, data=p.data)
+
+    def reads(self) -> dict[str, Any]:
+        d = self.data
+        return {"seed": self.seed, "data.name": d.name, "data.root": d.root, "data.on_bad_item": d.on_bad_item,
+                f"data.{d.name}": d.options}
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """`distributed` is not here: it chooses how many processes encode, and the features are
+    byte-identical whatever that number (the launcher reads it before the stage runs)."""
+
+    seed: int
+    device: str
+    on_bad_item: str
+    clip: ClipConfig
+
+    @classmethod
+    def of(cls, p: Params) -> ExtractSettings:
+        return cls(seed=p.seed, device=p.device, on_bad_item=p.data.on_bad_item, clip=p.clip)
+
+    def reads(self) -> dict[str, Any]:
+        return {"seed": self.seed, "device": self.device, "data.on_bad_item": self.on_bad_item, "clip": self.clip}
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    device: str
+    bits: list[int]
+    evaluate: EvaluateConfig
+
+    @classmethod
+    def of(cls, p: Params) -> EvaluateSettings:
+        return cls(device=p.device, bits=list(p.bits), evaluate=p.evaluate)
+
+    def reads(self) -> dict[str, Any]:
+        return {"device": self.device, "bits": self.bits, "evaluate": self.evaluate}
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Everything one training task reads from params.yaml, and nothing else."""
+
+    seed: int
+    device: str
+    loss: str
+    loss_knobs: Any  # losses.<loss>
+    arch: str
+    arch_knobs: Any  # model.<arch>
+    train: TrainConfig  # its task section is `task`; the other task's is never read
+    task: FusionTrain | HashTrain
+    distributed: DistributedConfig
+    hash_head: HashHeadConfig | None = None  # task 1 only
+
+    @classmethod
+    def of(cls, p: Params, task: str) -> TaskSettings:
+        return cls(seed=p.seed, device=p.device, loss=p.loss, loss_knobs=p.loss_knobs, arch=p.model.arch, arch_knobs=p.model.knobs,
+                   train=p.train, task=getattr(p.train, task), distributed=p.distributed,
+                   hash_head=p.hash_head if task == "hash" else None)
+
+    def reads(self, task: str) -> dict[str, Any]:
+        """As params.yaml keys (dvc.yaml lists exactly these for the task's stage)."""
+        schedule = self.train.schedule
+        keys = {"seed": self.seed, "device": self.device, "loss": self.loss, f"losses.{self.loss}": self.loss_knobs,
+                "model.arch": self.arch, f"model.{self.arch}": self.arch_knobs,
+                **{f"train.{name}": getattr(self.train, name) for name in TRAIN_COMMON if name != "schedule"},
+                **{f"train.schedule.{name}": getattr(schedule, name) for name in ScheduleBase.model_fields},
+                f"train.schedule.{schedule.name}": schedule.knobs, f"train.{task}": self.task,
+                "distributed": self.distributed}
+        if self.hash_head is not None:
+            keys["hash_head"] = self.hash_head
+        return keys

@@ -1,0 +1,39 @@
+"""Evaluate's paper-style MAP tables (Rich), one per protocol."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+# direction -> (query side, database side), as evaluate names its encoded sets
+DIRECTIONS = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
+MapTable = dict[str, dict[str, dict[str, float]]]  # protocol -> direction -> metric -> value
+
+
+def file_stem(bits: int) -> str:
+    """Zero-padded, so files (and the rows `dvc metrics show` makes of them) sort by code length."""
+    return f"{bits:03d}"
+
+
+PROTOCOL_TITLES = {"strict": "strict protocol (each modality alone)", "paired": "paired protocol (whole pair, as the reference)"}
+
+
+def paper_tables(tables: dict[str, MapTable], bits: list[int], note: str | None) -> list[Table]:
+    """One table per protocol (narrow enough for an 80-column log): rows are code lengths, then
+    the real-valued and chance rows; columns are direction x MAP@K."""
+    protocols = list(tables[file_stem(bits[0])])
+    metrics = list(tables[file_stem(bits[0])][protocols[0]]["i2t"])
+    rows = [(str(b), file_stem(b)) for b in bits] + [("real-valued", "real_valued"), ("chance", "chance")]
+    result = []
+    for protocol in protocols:
+        table = Table(title=f"MAP, {PROTOCOL_TITLES[protocol]}")
+        table.add_column("bits", no_wrap=True)
+        for direction in DIRECTIONS:
+            for metric in metrics:
+                table.add_column(f"{direction} {metric.replace('map', 'MAP')}", justify="right", no_wrap=True, min_width=6)
+        for label, key in rows:
+            if key == "real_valued":
+                table.add_section()
+            table.add_row(label, *(f"{tables[key][protocol][d][m]:.4f}" for d in DIRECTIONS for m in metrics))
+        result.append(table)
+    result[-1].caption = " ".join(filter(None, ["Hamming ties broken by database index.", note]))
+    return result
