@@ -264,7 +264,8 @@ def test_cross_field_checks_are_one_line(changes, fragments):
 
 # ------------------------------------------------------------------ through the CLI
 
-PARAMS_COMMANDS = {"prepare": [], "extract": [], "train-fusion": [], "train-hash": [], "evaluate": [], "index": ["--split", "train"]}
+PARAMS_COMMANDS = {"prepare": [], "extract": [], "train-fusion": [], "train-hash": [], "baselines": [], "evaluate": [],
+                   "index": ["--split", "train"]}
 
 
 def test_every_command_with_params_is_covered():

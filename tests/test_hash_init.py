@@ -99,3 +99,64 @@ def test_an_unknown_init_is_refused_naming_the_key(params):
     params["train"]["hash"]["init"] = "task0"
     with pytest.raises(ConfigError, match=r"train.hash.init = 'task0': input should be 'fusion' or 'scratch'"):
         parse_params(params)
+
+
+# ------------------------------------------------------------------ hash_head.init: cca_itq
+
+
+def test_a_head_started_from_cca_itq_makes_exactly_its_codes():
+    """start_from: the linear path is the baseline's hash and the MLP adds nothing, so the head's
+    codes are CCA-ITQ's own, for every row and both modalities (strict protocol)."""
+    import numpy as np
+
+    from cmhash.baselines.methods import CcaItq, unit_rows
+    from cmhash.models import encode, to_codes
+    from conftest import synthetic, tiny_params
+
+    p = tiny_params()
+    p["hash_head"]["init"] = "cca_itq"
+    model = CrossModalHasher(model_config(p, bits=8))
+    train, other = synthetic(64, seed=1), synthetic(32, seed=5)
+    fitted = CcaItq.fit(unit_rows(train["image"]), unit_rows(train["text"]), 8, seed=0, ridge=1e-2, n_iter=10)
+    for head, mean, projection in ((model.image_head, fitted.image_mean, fitted.image_projection),
+                                   (model.text_head, fitted.text_mean, fitted.text_projection)):
+        head.start_from(torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
+    image, text = torch.from_numpy(other["image"]), torch.from_numpy(other["text"])
+    image_out, text_out = encode(model, image, text, "strict")
+    assert np.array_equal(to_codes(image_out).numpy(), fitted.image_codes(unit_rows(other["image"])))
+    assert np.array_equal(to_codes(text_out).numpy(), fitted.text_codes(unit_rows(other["text"])))
+
+
+def test_cca_itq_init_reads_the_baselines_stage_and_needs_it(params, tmp_path, features_dir, invoke, one_line_error, monkeypatch):
+    """train-hash starts both heads' linear paths from stages/baselines/cca_itq/<bits>.npz; without
+    that file it is one line naming it, and nothing is written."""
+    import numpy as np
+
+    params["hash_head"]["init"] = "cca_itq"
+    params["train"]["hash"]["init"] = "scratch"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["--params", tmp_path / "params.yaml", "--features-dir", features_dir, "--out-dir", tmp_path / "hash", "--bits", 16,
+            "--metrics-dir", tmp_path / "metrics", "--checkpoints", tmp_path / "checkpoints", "--baselines-dir", tmp_path / "baselines"]
+    assert "baselines/cca_itq/16.npz not found" in one_line_error(invoke("train-hash", *args))
+    assert not (tmp_path / "hash").exists()
+
+    rng = np.random.default_rng(0)
+    saved = {"image_mean": rng.standard_normal(16), "image_projection": rng.standard_normal((16, 16)),
+             "text_mean": rng.standard_normal(16), "text_projection": rng.standard_normal((16, 16))}
+    (tmp_path / "baselines" / "cca_itq").mkdir(parents=True)
+    np.savez(tmp_path / "baselines" / "cca_itq" / "16.npz", **saved)
+    seen = {}
+    fit = task_module.fit
+
+    def spy(state, *a, **kw):
+        seen.update(copy.deepcopy(state.runner.model.state_dict()))
+        return fit(state, *a, **kw)
+
+    monkeypatch.setattr(task_module, "fit", spy)
+    result = invoke("train-hash", *args)
+    assert result.exit_code == 0, result.output
+    for side in ("image", "text"):
+        projection = torch.from_numpy(saved[f"{side}_projection"]).float()
+        assert torch.allclose(seen[f"{side}_head.linear.weight"], projection.T)
+        assert torch.allclose(seen[f"{side}_head.linear.bias"], -(torch.from_numpy(saved[f"{side}_mean"]).float() @ projection))
+        assert not seen[f"{side}_head.net.3.weight"].any()  # the MLP's output starts at zero

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cmhash.config.choices.archs import ARCHS
+from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS
@@ -34,7 +35,19 @@ KINDS: dict[str, tuple[Registry, str, str | None]] = {
     "schedules": (SCHEDULES, "train.schedule.name", "train.schedule"),
     "datasets": (DATASETS, "data.name", "data"),
     "optimizers": (OPTIMIZERS, "train.optimizer.name", None),
+    "baselines": (BASELINES, "baselines.methods", "baselines"),
 }
+LISTS = {"baselines.methods"}  # keys that name entries in a list
+
+
+def choosing(key: str, name: str) -> dict:
+    """params.yaml with `name` chosen at `key` (alone in the list for a list-valued key)."""
+    return with_value(COMMITTED, key, [name] if key in LISTS else name)
+
+
+def shown(key: str) -> str:
+    """How a message names the key of a chosen name (a list's first item is key[0])."""
+    return f"{key}[0]" if key in LISTS else key
 
 
 def entries(kind: str) -> list:
@@ -65,7 +78,7 @@ def test_every_entry_is_a_valid_params_choice_with_its_own_section(kind):
     knobs class, and params.yaml holds that section."""
     registry, key, section = KINDS[kind]
     for name in registry.names():
-        p = parse_params(with_value(COMMITTED, key, name))
+        p = parse_params(choosing(key, name))
         assert isinstance(p, Params)
         if section is not None:
             loc = (*section.split("."), name)
@@ -86,8 +99,8 @@ def test_unknown_name_message(kind):
         registry.entry("nope")
     assert str(err.value) == expected
     with pytest.raises(ConfigError) as err:
-        parse_params(with_value(COMMITTED, key, "nope"), where="params.yaml")
-    assert str(err.value) == f"params.yaml: {key} = 'nope': {expected}"
+        parse_params(choosing(key, "nope"), where="params.yaml")
+    assert str(err.value) == f"params.yaml: {shown(key)} = 'nope': {expected}"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,12 +14,13 @@ from rich.table import Table
 from rich.text import Text
 
 from cmhash.config.choices.archs import ARCHS
+from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS
 from cmhash.config.choices.schedules import SCHEDULES
 from cmhash.errors import CmhashError, ConfigError
-from cmhash.pipeline import evaluate, extract, prepare, train_fusion, train_hash
+from cmhash.pipeline import baselines, evaluate, extract, prepare, train_fusion, train_hash
 from cmhash.runtime.distributed import current_world
 from cmhash.runtime.launch import DISTRIBUTED, one_process, self_launching
 from cmhash.search import commands as search
@@ -56,6 +57,7 @@ def _one_line_errors(fn: Callable) -> Callable:
 STAGES = {
     "prepare": prepare.command,
     "extract": extract.command,
+    "baselines": baselines.command,
     "train-fusion": train_fusion.command,
     "train-hash": train_hash.command,
     "evaluate": evaluate.command,
@@ -64,14 +66,15 @@ TOOLS = {"index": search.index, "search": search.search, "serve": serve}  # use 
 for name, command in {**STAGES, **TOOLS}.items():
     app.command(name)(_one_line_errors(self_launching(command) if name in DISTRIBUTED else one_process(name, command)))
 
-REGISTRIES = {"losses": LOSSES, "archs": ARCHS, "schedules": SCHEDULES, "datasets": DATASETS, "optimizers": OPTIMIZERS}
+REGISTRIES = {"losses": LOSSES, "archs": ARCHS, "schedules": SCHEDULES, "datasets": DATASETS, "optimizers": OPTIMIZERS,
+              "baselines": BASELINES}
 
 
 @app.command("list")
 @_one_line_errors
 def list_names(kind: Annotated[str, typer.Argument(help=f"one of: {', '.join(REGISTRIES)}.")]) -> None:
     """The names a params.yaml choice accepts (loss, model.arch, train.schedule.name, data.name,
-    train.optimizer.name), each with its knobs and their defaults."""
+    train.optimizer.name, baselines.methods), each with its knobs and their defaults."""
     if kind not in REGISTRIES:
         raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(REGISTRIES)}")
     table = Table(box=None, show_header=False)

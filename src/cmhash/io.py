@@ -159,6 +159,14 @@ def write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_npz(path: Path | str, **arrays: Any) -> None:
+    """numpy arrays as one compressed .npz, written atomically (np.load reads it without pickles)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
 def save_pickle(path: Path | str, obj: Any) -> None:
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)

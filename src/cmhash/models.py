@@ -128,14 +128,29 @@ class CrossAttentionFusion(nn.Module):
 
 
 class HashHead(nn.Module):
-    """L2-norm -> Linear -> ReLU -> Dropout -> Linear(bits) -> tanh -> L2-norm; codes are its sign."""
+    """L2-norm -> Linear -> ReLU -> Dropout -> Linear(bits) -> tanh -> L2-norm; codes are its sign.
+    With `feature_dim`, a linear path from the modality's own (L2-normalised) CLIP features is
+    added before the tanh (hash_head.init: cca_itq)."""
 
-    def __init__(self, embed_dim: int, hidden: int, bits: int, dropout: float) -> None:
+    def __init__(self, embed_dim: int, hidden: int, bits: int, dropout: float, feature_dim: int | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, bits))
+        self.linear = nn.Linear(feature_dim, bits) if feature_dim else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(torch.tanh(self.net(F.normalize(x, dim=1))), dim=1)
+    def forward(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        z = self.net(F.normalize(x, dim=1))
+        if self.linear is not None:
+            z = z + self.linear(F.normalize(features, dim=1))
+        return F.normalize(torch.tanh(z), dim=1)
+
+    @torch.no_grad()
+    def start_from(self, mean: Tensor, projection: Tensor) -> None:
+        """The linear path becomes (x - mean) @ projection and the MLP's output zero: the head's
+        codes are then exactly sign((x - mean) @ projection), a baseline's codes."""
+        self.linear.weight.copy_(projection.T)
+        self.linear.bias.copy_(-(mean @ projection))
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.zero_()
 
 
 class ModelConfig(Section):
@@ -165,8 +180,9 @@ class CrossModalHasher(nn.Module):
         bits, head = config.bits, config.hash_head
         if bits and head is None:
             raise ConfigError("a hash model (bits set) needs its hash_head settings")
-        self.image_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout) if bits else None
-        self.text_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout) if bits else None
+        linear = config.feature_dim if bits and head.init == "cca_itq" else None
+        self.image_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout, linear) if bits else None
+        self.text_head = HashHead(self.fusion.embed_dim, head.hidden, bits, head.dropout, linear) if bits else None
 
     # CLIP features are L2-normalised on the way in: the scale of random-init or other CLIP
     # variants then does not matter, and a zero vector unambiguously means "modality absent".
@@ -178,9 +194,11 @@ class CrossModalHasher(nn.Module):
         _, text_emb = self.fusion(torch.zeros_like(image), text)
         return image_emb, text_emb
 
-    def hash(self, image_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
+    def hash(self, image_emb: Tensor, text_emb: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Hash outputs of the embeddings; `image`, `text`: the CLIP features they came from (read
+        only by a head with a linear path: the image head's from the image, the text head's from the text)."""
         assert self.image_head is not None and self.text_head is not None, "model has no hash heads (task 0)"
-        return self.image_head(image_emb), self.text_head(text_emb)
+        return self.image_head(image_emb, image), self.text_head(text_emb, text)
 
 
 def to_codes(x: Tensor) -> Tensor:
@@ -195,8 +213,9 @@ def encode(model: CrossModalHasher, image: Tensor, text: Tensor, protocol: str, 
     model.eval()
     outs: list[tuple[Tensor, Tensor]] = []
     for start in range(0, len(image), batch_size):
-        emb = model.embed(image[start : start + batch_size], text[start : start + batch_size], protocol)
-        outs.append(model.hash(*emb) if model.image_head is not None else emb)
+        chunk = image[start : start + batch_size], text[start : start + batch_size]
+        emb = model.embed(*chunk, protocol)
+        outs.append(model.hash(*emb, *chunk) if model.image_head is not None else emb)
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from cmhash.config.choices.archs import ARCHS, HashHeadConfig
+from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OptimizerConfig
@@ -135,7 +136,27 @@ class EvaluateConfig(Section):
     precision_at: PositiveList = [1, 5, 10, 20, 50, 100, 200, 500, 1000]  # the precision@N curve
 
 
+class BaselinesBase(Section):
+    """Training-free hashing on the same features (the `baselines` stage): every chosen method at
+    every code length in `bits`, list-valued knobs chosen on val."""
+
+    methods: Annotated[list[one_of(BASELINES)], Field(min_length=1)] = ["clip_cosine", "lsh", "pca_itq", "cca_itq"]
+    select_topk: Count = 50  # knobs chosen by val MAP@K (val pairs vs train pairs, strict), as training selects
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError("name each method once")
+        return methods
+
+    def knobs(self, method: str) -> Any:
+        """`baselines.<method>`."""
+        return getattr(self, method)
+
+
 Losses = with_sections(Section, LOSSES, "Losses")
+Baselines = with_sections(BaselinesBase, BASELINES, "Baselines")
 Data = with_sections(DataBase, DATASETS, "Data")
 Model = with_sections(ModelBase, ARCHS, "Model")
 
@@ -155,6 +176,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    baselines: Baselines = Baselines()
 
     @property
     def loss_knobs(self) -> Any:
@@ -230,7 +252,9 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
     valid = list(section_at(loc[:-1]).model_fields)
     if not valid:
         return f"; {dotted(loc[:-1])} takes no keys"
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    typed = str(loc[-1])
+    close = difflib.get_close_matches(typed, valid, n=3, cutoff=0.5)
+    close.sort(key=lambda name: sorted(name) != sorted(typed))  # two letters swapped: that key first (cac_itq: cca_itq)
     prefix = dotted(loc[:-1]) + "." if loc[:-1] else ""
     if close:
         return f"; did you mean {prefix}{close[0]}?"

@@ -10,7 +10,7 @@ from typing import Any
 
 from cmhash.config.choices.archs import HashHeadConfig
 from cmhash.config.choices.schedules import ScheduleBase
-from cmhash.config.schema import ClipConfig, Data, DistributedConfig, EvaluateConfig, FusionTrain, HashTrain, Params, TrainConfig
+from cmhash.config.schema import Baselines, ClipConfig, Data, DistributedConfig, EvaluateConfig, FusionTrain, HashTrain, Params, TrainConfig
 
 TRAIN_COMMON = [name for name in TrainConfig.model_fields if name not in ("fusion", "hash")]
 
@@ -60,6 +60,20 @@ class EvaluateSettings:
 
     def reads(self) -> dict[str, Any]:
         return {"device": self.device, "bits": self.bits, "evaluate": self.evaluate}
+
+
+@dataclass(frozen=True)
+class BaselinesSettings:
+    seed: int
+    bits: list[int]
+    baselines: Baselines
+
+    @classmethod
+    def of(cls, p: Params) -> BaselinesSettings:
+        return cls(seed=p.seed, bits=list(p.bits), baselines=p.baselines)
+
+    def reads(self) -> dict[str, Any]:
+        return {"seed": self.seed, "bits": self.bits, "baselines": self.baselines}
 
 
 @dataclass(frozen=True)

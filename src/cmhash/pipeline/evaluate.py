@@ -8,6 +8,9 @@ writes  (under metrics/, git-tracked; key names are stable and documented in doc
         map/tie_aware/<bits>.json  tie-aware MAP (expected over the orders of tied items)
         map/real_valued.json       task-0 cosine MAP
         map/chance.json            expected MAP of a random ranking
+        map/baselines.json         the baselines stage's methods, strict protocol:
+                                   {method: {"<bits>" | "float": {"strict": {direction: {...}}}}}
+                                   (clip_cosine ranks float features: "float", no code length)
             each {protocol: {direction: {"map@K", ..., "map@all"}}}: the same numbers as map.json, one
             row per file in `dvc metrics show metrics/map`, the same columns in every row (a paper table)
         evaluate.json              what was scored: features, item counts, the random-init note
@@ -15,8 +18,9 @@ writes  (under metrics/, git-tracked; key names are stable and documented in doc
                                                            radius 0..bits, rows tagged with `bits`
         curves/precision_at_n/<protocol>-<direction>.json  precision@N, N in `evaluate.precision_at`
         <bits> in map/ is zero-padded to 3 digits so files and rows sort by code length.
-        Also stages/evaluate/<protocol>/<bits>.npz (the packed codes it scored) and
-        stages/evaluate/labels.npz, so anyone can recompute the numbers.
+        Also stages/evaluate/<protocol>/<bits>.npz (the packed codes it scored), the baselines' as
+        stages/evaluate/baselines/<method>/<bits>.npz, and stages/evaluate/labels.npz, so anyone
+        can recompute the numbers.
 
 Protocols: `strict` encodes the image query from the image alone and the text from the text
 alone (real cross-modal retrieval); `paired` encodes both from the whole pair, as the public
@@ -40,8 +44,8 @@ from cmhash.config.schema import Params, load_params
 from cmhash.config.stages import EvaluateSettings
 from cmhash.evaluation.curves import pr_curve, precision_at_n
 from cmhash.evaluation.ranking import Scores, chance_map, cosine_map, mean_average_precision, tie_aware_map
-from cmhash.evaluation.tables import DIRECTIONS, MapTable, file_stem, paper_tables
-from cmhash.io import all_or_nothing, atomic_dir, atomic_path, write_json
+from cmhash.evaluation.tables import DIRECTIONS, MapTable, baseline_table, file_stem, paper_tables
+from cmhash.io import all_or_nothing, atomic_dir, save_npz, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -68,11 +72,6 @@ def _named(scores: dict[int | None, float]) -> dict[str, float]:
     return {f"map@{'all' if k is None else k}": float(v) for k, v in scores.items()}
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
 def replace_dir(path: Path, files: dict[str, Any]) -> None:
     """Make `files` (relative path -> JSON object) the whole content of `path`, so no file of an
     earlier run (other code lengths) stays."""
@@ -82,9 +81,41 @@ def replace_dir(path: Path, files: dict[str, Any]) -> None:
 
 
 def one_file(tables: dict[str, MapTable], bits: list[int]) -> dict[str, Any]:
-    """metrics/map.json: code lengths first (unpadded), then tie-aware, real-valued and chance."""
+    """metrics/map.json: code lengths first (unpadded), then tie-aware, real-valued, chance and the baselines."""
     return {**{str(b): tables[file_stem(b)] for b in bits}, "tie_aware": {str(b): tables[f"tie_aware/{file_stem(b)}"] for b in bits},
-            "real_valued": tables["real_valued"], "chance": tables["chance"]}
+            "real_valued": tables["real_valued"], "chance": tables["chance"],
+            **({"baselines": tables["baselines"]} if "baselines" in tables else {})}
+
+
+def baseline_maps(baselines_dir: Path, bits_list: list[int], q_label: np.ndarray, db_label: np.ndarray, topk: tuple,
+                  hamming: Callable[..., Scores]) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """The baselines stage's codes (and float features), scored as cmhash's are: the strict
+    protocol, both directions. Returns the table and the files to save beside cmhash's codes."""
+    from cmhash.errors import DataError
+
+    table: dict[str, Any] = {}
+    files: dict[str, dict[str, np.ndarray]] = {}
+    for folder in sorted(p for p in baselines_dir.iterdir() if p.is_dir()):
+        names = ["float"] if (folder / "float.npz").is_file() else [str(b) for b in bits_list]
+        for name in names:
+            path = folder / f"{name}.npz"
+            if not path.is_file():
+                raise DataError(f"{path} not found: the baselines were made for other code lengths; re-run `cmhash baselines`")
+            with np.load(path, allow_pickle=False) as saved:
+                arrays = {side: saved[side] for side in ("query_image", "query_text", "retrieval_image", "retrieval_text")}
+            if len(arrays["query_image"]) != len(q_label) or len(arrays["retrieval_image"]) != len(db_label):
+                raise DataError(f"{path} holds {len(arrays['query_image'])} query / {len(arrays['retrieval_image'])} retrieval items but the "
+                                f"features have {len(q_label)} / {len(db_label)}: made from other features; re-run `cmhash baselines`")
+            if name == "float":  # unhashed features: cosine, as the real-valued reference is scored
+                sides, score = arrays, cosine_map
+            else:  # the packed codes back to ±1, scored by the ranking cmhash's codes get
+                sides = {side: np.where(np.unpackbits(packed, axis=1, count=int(name)) > 0, 1, -1).astype(np.int8)
+                         for side, packed in arrays.items()}
+                score = hamming
+            table.setdefault(folder.name, {})[name] = {"strict": {
+                direction: _named(score(sides[q], sides[d], q_label, db_label, topk=topk)) for direction, (q, d) in DIRECTIONS.items()}}
+            files[f"{folder.name}/{name}.npz"] = arrays
+    return table, files
 
 
 def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label: np.ndarray, db_label: np.ndarray,
@@ -98,7 +129,7 @@ def curve_rows(bits: int, query_codes: np.ndarray, db_codes: np.ndarray, q_label
 
 
 def run(settings: EvaluateSettings, features_dir: Path, fusion_path: Path, hash_dir: Path, out_dir: Path,
-        metrics_dir: Path) -> dict[str, Any]:
+        metrics_dir: Path, baselines_dir: Path | None = None) -> dict[str, Any]:
     from cmhash.features.store import check_width, load_features
     from cmhash.models import PROTOCOLS, encode, load_checkpoint, to_codes
     from cmhash.runtime.device import resolve_device
@@ -151,17 +182,26 @@ def run(settings: EvaluateSettings, features_dir: Path, fusion_path: Path, hash_
                 for kind, rows in curve_rows(bits, out[q], out[d], q_label, db_label, ns).items():
                     curves[f"{kind}/{protocol}-{direction}.json"] += rows
         packed[bits] = {p: {n: np.packbits(c > 0, axis=1) for n, c in named.items()} for p, named in codes.items()}
+    baseline_files: dict[str, dict[str, np.ndarray]] = {}
+    if baselines_dir is not None and baselines_dir.is_dir():
+        tables["baselines"], baseline_files = baseline_maps(baselines_dir, bits_list, q_label, db_label, topk, hamming)
 
     with all_or_nothing():  # a failure part-way keeps every previous output, not a mix
-        _save_npz(out_dir / "labels.npz", query=q_label.astype(np.uint8), retrieval=db_label.astype(np.uint8))
+        save_npz(out_dir / "labels.npz", query=q_label.astype(np.uint8), retrieval=db_label.astype(np.uint8))
         for bits, per_protocol in packed.items():
             for protocol, named in per_protocol.items():
-                _save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **named)
+                save_npz(out_dir / protocol / f"{bits}.npz", bits=np.array(bits), **named)
+        if baseline_files:  # the codes scored this run, and no other
+            with atomic_dir(out_dir / "baselines") as tmp:
+                for name, arrays in baseline_files.items():
+                    save_npz(tmp / name, **arrays)
         write_json(metrics_dir / "map.json", one_file(tables, bits_list))
         replace_dir(metrics_dir / "map", {f"{name}.json": content for name, content in tables.items()})
         replace_dir(metrics_dir / "curves", curves)
         write_json(metrics_dir / "evaluate.json", info)
     Console().print(*paper_tables(tables, bits_list, note))
+    if "baselines" in tables:
+        Console().print(baseline_table(tables, bits_list, note))
     return {"map": tables, "evaluate": info, "curves": dict(curves)}
 
 
@@ -170,8 +210,9 @@ def command(
     features_dir: Annotated[Path, typer.Option(help="feature files from `cmhash extract`.")] = Path("stages/extract"),
     fusion: Annotated[Path, typer.Option(help="task-0 checkpoint (real-valued numbers).")] = Path("stages/fusion/model.pt"),
     hash_dir: Annotated[Path, typer.Option(help="task-1 checkpoints, <hash-dir>/<bits>/model.pt.")] = Path("stages/hash"),
+    baselines_dir: Annotated[Path, typer.Option(help="codes from `cmhash baselines` (skipped when absent).")] = Path("stages/baselines"),
     out_dir: Annotated[Path, typer.Option(help="where the scored codes are saved.")] = Path("stages/evaluate"),
     metrics_dir: Annotated[Path, typer.Option(help="where map.json, map/, curves/ and evaluate.json go (git-tracked).")] = Path("metrics"),
 ) -> None:
     """MAP@K, MAP@all, PR and precision@N curves: image->text and text->image, every code length, strict and paired."""
-    run(EvaluateSettings.of(load_params(params)), features_dir, fusion, hash_dir, out_dir, metrics_dir)
+    run(EvaluateSettings.of(load_params(params)), features_dir, fusion, hash_dir, out_dir, metrics_dir, baselines_dir)

@@ -78,9 +78,13 @@ def set_rng_state(saved: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def remove_empty(folder: Path, up_to: int = 0) -> None:
-    """`folder` if empty, then up to `up_to` of its parents while they are empty too."""
-    for path in [folder, *list(folder.parents)[:up_to]]:
+def remove_empty(folder: Path) -> None:
+    """`folder` if empty, then each parent while empty (the folders a run created for it, e.g.
+    checkpoints/hash/16, checkpoints/hash, checkpoints), never the working directory."""
+    cwd = Path.cwd().resolve()
+    for path in [folder, *folder.parents]:
+        if path.resolve() == cwd:
+            return
         try:
             path.rmdir()
         except OSError:  # not empty (or gone): stop here
@@ -161,7 +165,7 @@ class RunFolder:
             with atomic_path(out_path) as tmp:
                 shutil.copyfile(self.best_path, tmp)
             self.clear()
-            remove_empty(self.folder, up_to=1)  # checkpoints/hash/<bits>/, then checkpoints/hash/ once every length is done
+            remove_empty(self.folder)  # no empty folder stays once every run is done
         barrier()
 
     def clear(self) -> None:

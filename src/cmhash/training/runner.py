@@ -41,7 +41,7 @@ class BatchLoss(nn.Module):
             loss = self.loss_fn(*emb, self.world)
             outputs = emb
             if self.model.image_head is not None:
-                outputs = self.model.hash(*emb)
+                outputs = self.model.hash(*emb, image, text)
                 loss = loss + self.hash_weight * self.loss_fn(*outputs, self.world)
             total = loss if total is None else total + loss
             if monitored is None:

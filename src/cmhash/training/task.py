@@ -19,11 +19,11 @@ from dvclive import Live
 
 from cmhash.config.stages import TaskSettings
 from cmhash.digests import code_digest
-from cmhash.errors import ConfigError
+from cmhash.errors import ConfigError, DataError
 from cmhash.features.store import check_width, load_features
 from cmhash.io import atomic_dir
 from cmhash.losses import warn_if_small_batch
-from cmhash.models import ModelConfig, load_checkpoint
+from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
 from cmhash.runtime.device import resolve_device
 from cmhash.runtime.distributed import World, check_batch_split, current_world
 from cmhash.runtime.seeding import reseed_rank, seed_everything
@@ -61,8 +61,27 @@ def resume_fingerprint(settings: TaskSettings, task: str, model: ModelConfig, da
             "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest("cmhash.training.task")}
 
 
+def start_heads(model: CrossModalHasher, path: Path, device: torch.device) -> list[torch.Tensor]:
+    """Start each head's linear path at a linear hash of the baselines stage (its means and
+    projections in `path`, an .npz); returns them for the resume fingerprint."""
+    import numpy as np
+
+    if not path.is_file():
+        raise DataError(f"{path} not found: hash_head.init: cca_itq starts from the baselines stage's CCA-ITQ; run `cmhash baselines` "
+                        "with cca_itq in baselines.methods and this code length in bits")
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {k: torch.from_numpy(np.asarray(saved[k], dtype=np.float32)).to(device)
+                  for k in ("image_mean", "image_projection", "text_mean", "text_projection")}
+    if arrays["image_projection"].shape != (model.config.feature_dim, model.config.bits):
+        raise DataError(f"{path} projects {tuple(arrays['image_projection'].shape)}, not ({model.config.feature_dim}, {model.config.bits}); "
+                        "re-run `cmhash baselines` on these features")
+    model.image_head.start_from(arrays["image_mean"], arrays["image_projection"])
+    model.text_head.start_from(arrays["text_mean"], arrays["text_projection"])
+    return list(arrays.values())
+
+
 def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, live: Live | None, checkpoint_dir: Path,
-               bits: int | None = None, init_from: Path | None = None) -> float:
+               bits: int | None = None, init_from: Path | None = None, heads_from: Path | None = None) -> float:
     """Train task 0 (bits=None) or task 1 (bits=code length); returns the best val MAP. The
     unfinished run's state lives in `checkpoint_dir` (see cmhash.training.resume). Task 1's code
     lengths share one `live`: their curves are named `<bits>/...`, each starting at step 0.
@@ -86,6 +105,8 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
             raise ConfigError(f"{init_from} was trained with another model config; re-run `cmhash train-fusion`")
         state.runner.model.fusion.load_state_dict(upstream.fusion.state_dict())
         init = list(upstream.fusion.state_dict().values())
+    if heads_from is not None:  # hash_head.init: cca_itq: both heads start from the baseline's projection
+        init += start_heads(state.runner.model, heads_from, device)
     reseed_rank(settings.seed, world.rank)  # the same initial weights on every rank, dropout of its own
     data = [train.image, train.text, train.label, val.image, val.text, val.label]
     run = RunFolder(checkpoint_dir, resume_fingerprint(settings, task, config, data, init, world), world)

@@ -3,6 +3,8 @@ hash heads' knobs (`hash_head`), read by task 1 only."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from cmhash.config.fields import Count, Probability, Section
 from cmhash.config.registry import Registry
 
@@ -32,3 +34,7 @@ class HashHeadConfig(Section):
 
     hidden: Count = 4096
     dropout: Probability = 0.3
+    # random: an MLP on the fusion embedding. cca_itq: plus a linear path from the modality's own
+    # features, started at the baselines stage's CCA-ITQ projection (the MLP's output at zero), so
+    # training starts from CCA-ITQ's codes and fine-tunes them.
+    init: Literal["random", "cca_itq"] = "random"

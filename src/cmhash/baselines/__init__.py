@@ -1,0 +1,1 @@
+"""Training-free cross-modal hashing baselines (LSH, PCA-ITQ, CCA-ITQ) and the CLIP cosine reference, in numpy."""

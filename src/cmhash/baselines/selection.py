@@ -1,0 +1,57 @@
+"""Model selection for the baselines on the validation protocol: val pairs as queries against the
+train pairs as the database, strict cross-modal (image -> text and text -> image), MAP@K averaged
+over the two directions - how training selects its epoch. The query split is never an input here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cmhash.baselines.methods import METHODS
+from cmhash.evaluation.ranking import Cutoff, cosine_map, mean_average_precision
+
+
+def cross_modal_map(fitted: object, query_image: object, query_text: object, query_label: object,
+                    db_image: object, db_text: object, db_label: object, topk: Sequence[Cutoff] = (50, None)) -> dict[str, dict]:
+    """{"i2t": {K: MAP}, "t2i": {K: MAP}} of a fitted method: image queries against the text
+    database and text queries against the image database (Hamming, or cosine when not binary)."""
+    if fitted.binary:
+        encode_image, encode_text, score = fitted.image_codes, fitted.text_codes, mean_average_precision
+    else:
+        encode_image, encode_text, score = fitted.embed_image, fitted.embed_text, cosine_map
+    return {"i2t": score(encode_image(query_image), encode_text(db_text), query_label, db_label, topk=topk),
+            "t2i": score(encode_text(query_text), encode_image(db_image), query_label, db_label, topk=topk)}
+
+
+def candidates(knobs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the list-valued knobs (candidates), the others fixed, in list order."""
+    grid = {name: value if isinstance(value, list) else [value] for name, value in knobs.items()}
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+@dataclass
+class Selected:
+    fitted: Any
+    knobs: dict[str, Any]  # the chosen combination
+    table: list[dict[str, Any]]  # every combination with its val MAP: {"knobs", "i2t", "t2i", "map"}
+
+
+def select_on_val(method: str, knobs: dict[str, Any], train: Sequence[np.ndarray], val: Sequence[np.ndarray], bits: int,
+                  seed: int, topk: int = 50) -> Selected:
+    """Fit `method` on train for every candidate combination of `knobs` and keep the one with the
+    best val MAP@topk; ties go to the first in list order. train, val: (image, text, label)."""
+    (train_image, train_text, train_label), (val_image, val_text, val_label) = train, val
+    table, fits = [], []
+    for combo in candidates(knobs):
+        fitted = METHODS[method].fit(train_image, train_text, bits, seed, **combo)
+        scores = cross_modal_map(fitted, val_image, val_text, val_label, train_image, train_text, train_label, topk=[topk])
+        i2t, t2i = scores["i2t"][topk], scores["t2i"][topk]
+        table.append({"knobs": combo, "i2t": i2t, "t2i": t2i, "map": (i2t + t2i) / 2})
+        fits.append(fitted)
+    best = int(np.argmax([row["map"] for row in table]))  # argmax returns the first maximum
+    return Selected(fits[best], table[best]["knobs"], table)
