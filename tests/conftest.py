@@ -59,6 +59,7 @@ def tiny_params() -> dict:
     for arch in ("reference", "cross_attention"):
         p["model"][arch].update(d_model=None, nhead=2, num_layers=1, dim_feedforward=64)
     p["hash_head"]["hidden"] = 64
+    p["hash_head"]["init"] = "random"  # most tests train heads without a baselines stage; test_pipeline runs the default
     p["train"].update(batch_size=16, eval_every=1)
     p["train"]["fusion"]["epochs"] = 2
     p["train"]["hash"]["epochs"] = 2

@@ -57,7 +57,9 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 @pytest.mark.slow
 def test_whole_pipeline_end_to_end(params, params_file, invoke):
     # (that dvc.yaml lists every param a stage reads is tests/test_stage_params.py's)
-    for command in ("prepare", "extract", "train-fusion", "train-hash", "evaluate"):
+    params["hash_head"]["init"] = "cca_itq"  # params.yaml's default: the heads start from the baselines stage's CCA-ITQ
+    params_file.write_text(yaml.safe_dump(params))
+    for command in ("prepare", "extract", "baselines", "train-fusion", "train-hash", "evaluate"):
         result = invoke(command, "--params", params_file)
         assert result.exit_code == 0, f"{command}: {result.output}"
     # evaluate ends with the paper table, one per protocol: rows bits, real-valued, chance
@@ -69,7 +71,10 @@ def test_whole_pipeline_end_to_end(params, params_file, invoke):
     assert info["items"] == {"query": 12, "retrieval": 60}
     tables = {p.relative_to("metrics/map").with_suffix("").as_posix(): json.loads(p.read_text())
               for p in Path("metrics/map").rglob("*.json")}
-    assert set(tables) == {"016", "032", "tie_aware/016", "tie_aware/032", "real_valued", "chance"}
+    assert set(tables) == {"016", "032", "tie_aware/016", "tie_aware/032", "real_valued", "chance", "baselines"}
+    assert "MAP against training-free baselines" in result.output
+    baselines = tables.pop("baselines")
+    assert set(baselines) == {"clip_cosine", "lsh", "pca_itq", "cca_itq"} and set(baselines["cca_itq"]) == {"16", "32"}
     for table in tables.values():  # the same columns in every row of `dvc metrics show metrics/map`
         assert {(p, d, m) for p in table for d in table[p] for m in table[p][d]} == {
             (p, d, m) for p in ("strict", "paired") for d in ("i2t", "t2i") for m in ("map@50", "map@all")}

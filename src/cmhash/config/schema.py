@@ -81,8 +81,8 @@ class HashTrain(Section):
     """Task 1: hash heads at `lr`, the fusion model they start from fine-tuned at `fusion_lr`."""
 
     epochs: Count = 30
-    lr: Positive = 1e-3
-    fusion_lr: Positive = 1e-4
+    lr: Positive = 1e-4
+    fusion_lr: Positive = 1e-5
     hash_weight: NonNegative = 0.5  # loss = L(embeddings) + hash_weight * L(hash outputs)
     init: Literal["fusion", "scratch"] = "fusion"  # fusion: start from task 0's model; scratch: a fresh seeded one (the public code)
 

@@ -37,4 +37,4 @@ class HashHeadConfig(Section):
     # random: an MLP on the fusion embedding. cca_itq: plus a linear path from the modality's own
     # features, started at the baselines stage's CCA-ITQ projection (the MLP's output at zero), so
     # training starts from CCA-ITQ's codes and fine-tunes them.
-    init: Literal["random", "cca_itq"] = "random"
+    init: Literal["random", "cca_itq"] = "cca_itq"
