@@ -10,7 +10,7 @@ cuda_tests  the tests marked `@pytest.mark.cuda` (`pytest -m cuda`, in a subproc
             machine each must pass: one skipped there fails the check.
 pipeline    the demo pipeline through the `cmhash` stage commands (in this process, with --params
             files and every path in a work folder, never the repository's stages/ or metrics/):
-            prepare once, then extract, train-fusion, train-hash and evaluate for each precision
+            prepare once, then extract, baselines, train-fusion, train-hash and evaluate for each precision
             (clip.precision = train.precision = fp32, bf16, fp16), --epochs per task. Every strict
             MAP@K and MAP@all (each code length, both directions) must be within --tolerance of
             fp32's, and the MAP the evaluate stage wrote (its torch path on CUDA) must equal numpy's
@@ -265,13 +265,16 @@ def pipeline_run(folder: Path, p: dict[str, Any], prepared: Path) -> dict[str, A
     folder.mkdir(parents=True, exist_ok=True)
     params.write_text(yaml.safe_dump(p), encoding="utf-8")
     extract, fusion, hashes, metrics = folder / "extract", folder / "fusion" / "model.pt", folder / "hash", folder / "metrics"
+    baselines = folder / "baselines"
     stages = {
         "extract": ["--prepare-dir", prepared, "--out-dir", extract, "--metrics", metrics / "extract.json"],
+        "baselines": ["--features-dir", extract, "--out-dir", baselines, "--metrics", metrics / "baselines_val.json"],
         "train-fusion": ["--features-dir", extract, "--out", fusion, "--metrics-dir", metrics / "fusion",
                          "--checkpoints", folder / "checkpoints" / "fusion"],
         "train-hash": ["--features-dir", extract, "--fusion", fusion, "--out-dir", hashes, "--metrics-dir", metrics / "hash",
-                       "--checkpoints", folder / "checkpoints" / "hash"],
-        "evaluate": ["--features-dir", extract, "--fusion", fusion, "--hash-dir", hashes, "--out-dir", folder / "evaluate", "--metrics-dir", metrics],
+                       "--checkpoints", folder / "checkpoints" / "hash", "--baselines-dir", baselines],
+        "evaluate": ["--features-dir", extract, "--fusion", fusion, "--hash-dir", hashes, "--baselines-dir", baselines,
+                     "--out-dir", folder / "evaluate", "--metrics-dir", metrics],
     }
     seconds = {name: run_stage(folder / "logs", name, "--params", params, *options) for name, options in stages.items()}
     map_json = json.loads((metrics / "map.json").read_text(encoding="utf-8"))

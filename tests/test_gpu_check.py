@@ -76,7 +76,7 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     runs = report["pipeline"]["runs"]
     assert "fp16 needs a CUDA device" in runs["fp16"]["skipped"]  # what a CPU cannot do is skipped, and says why
     for precision in ("fp32", "bf16"):
-        assert set(runs[precision]["seconds"]) == {"extract", "train-fusion", "train-hash", "evaluate"}
+        assert set(runs[precision]["seconds"]) == {"extract", "baselines", "train-fusion", "train-hash", "evaluate"}
         assert len(runs[precision]["map"]) == 2 * 2 * 2  # code lengths x directions x (MAP@50, MAP@all)
         assert runs[precision]["evaluate_vs_numpy"] <= 1e-9
         assert (tmp_path / "work" / precision / "metrics" / "map.json").is_file()

@@ -127,7 +127,7 @@ def test_checkpoint_round_trip_keeps_config_and_outputs(tmp_path):
     back, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert ckpt["epoch"] == 3 and back.config == model.config
     assert type(ckpt["config"]) is dict and ckpt["config"] == model.config.model_dump()  # plain data: weights_only loads it
-    assert ckpt["config"]["hash_head"] == {"hidden": 64, "dropout": 0.3, "init": "random"}
+    assert ckpt["config"]["hash_head"] == {"hidden": 64, "dropout": 0.3, "init": "cca_itq"}  # the default: a linear path too
     for a, b in zip(encode(model, *features(4), "strict"), encode(back, *features(4), "strict")):
         assert torch.equal(a, b)
 

@@ -124,7 +124,7 @@ def test_whole_pipeline_end_to_end(params, params_file, invoke):
 
     # metrics/map.json holds the same tables in one file, code lengths unpadded
     one_file = json.loads(Path("metrics/map.json").read_text())
-    assert list(one_file) == ["16", "32", "tie_aware", "real_valued", "chance"]
+    assert list(one_file) == ["16", "32", "tie_aware", "real_valued", "chance", "baselines"]
     assert one_file["32"] == tables["032"] and one_file["tie_aware"]["16"] == tables["tie_aware/016"]
     assert (one_file["real_valued"], one_file["chance"]) == (tables["real_valued"], tables["chance"])
 
