@@ -175,8 +175,10 @@ def ranked_relevance(key: np.ndarray, relevant: np.ndarray, depth: int) -> np.nd
     n_rows, n_cols = key.shape
     if depth >= n_cols:
         order = np.argsort(key, axis=1, kind="stable")  # radix sort for uint8/uint16 keys
-        order += np.arange(0, n_rows * n_cols, n_cols)[:, None]  # flat take beats take_along_axis
-        return relevant.ravel().take(order)
+        ranked = np.empty_like(relevant)
+        for row in range(n_rows):  # row by row beats take_along_axis and a flat take
+            relevant[row].take(order[row], out=ranked[row])
+        return ranked
     # Only items up to each row's depth-th smallest key can reach the top `depth`. (A radix
     # sort of the values finds that key faster than np.partition does on small integers.)
     threshold = np.sort(key, axis=1, kind="stable")[:, depth - 1 : depth]
@@ -196,15 +198,19 @@ def _precision_sum_prefix(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _precision_sum_whole(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same over whole rows, touching only the relevant positions (a dense float pass
-    over every rank would cost several times more)."""
-    n_rows, width = ranked.shape
-    flat = np.flatnonzero(ranked)  # row-major, so each row's positions are contiguous
+    over every rank would cost several times more). Row by row, so the temporaries stay in
+    cache; cumsum adds each row's terms from zero in rank order, which is what keeps every
+    committed MAP bit for bit (a running sum over the whole chunk would lose digits)."""
+    sums = np.zeros(len(ranked))
     found = np.count_nonzero(ranked, axis=1)
-    row_of = np.repeat(np.arange(n_rows), found)
-    first = np.cumsum(found) - found
-    precision = (np.arange(1, len(flat) + 1) - first[row_of]) / (flat + 1 - row_of * width)
-    # bincount sums each row from zero (a running sum over the whole chunk would lose digits).
-    return np.bincount(row_of, weights=precision, minlength=n_rows).astype(np.float64, copy=False), found
+    hits = np.arange(1, ranked.shape[1] + 1, dtype=np.float64)
+    for row, (relevant, n_found) in enumerate(zip(ranked, found)):
+        if n_found:
+            precision = np.flatnonzero(relevant).astype(np.float64)  # exact: ranks < 2**53
+            precision += 1
+            np.divide(hits[:n_found], precision, out=precision)
+            sums[row] = np.cumsum(precision)[-1]
+    return sums, found
 
 
 def precision_sums(ranked: np.ndarray, depths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
