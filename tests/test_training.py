@@ -397,14 +397,44 @@ def test_validation_runs_every_eval_every_epochs_and_at_the_last(params, tmp_pat
     validated = {2, 4, 5}  # epochs
     train_loss = logged(tmp_path, "train/loss")
     assert set(train_loss) == {epoch - 1 for epoch in range(1, 6)}  # train numbers every epoch
-    val = {name: logged(tmp_path, f"val/{name}") for name in ("loss", "map", "train_val_loss_ratio")}
+    val = {name: logged(tmp_path, f"val/{name}") for name in ("loss", "map", "val_train_loss_ratio")}
     for name, curve in val.items():
         assert set(curve) == {epoch - 1 for epoch in validated}, name
-    for step, ratio in val["train_val_loss_ratio"].items():
-        assert ratio == pytest.approx(train_loss[step] / val["loss"][step])
+    for step, ratio in val["val_train_loss_ratio"].items():
+        assert ratio == pytest.approx(val["loss"][step] / train_loss[step])  # val over train: above 1 = worse on val
     assert all(0.0 <= m <= 1.0 for m in val["map"].values())
     best = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert best["epoch"] in validated and best["val_map"] == pytest.approx(max(val["map"].values()))
+
+
+def test_the_overfitting_ratio_is_val_over_train_and_the_summary_flags_it_above_1_5():
+    from cmhash.training.hooks import RATIO, LiveLogger, overfitting, val_train_ratio
+
+    assert val_train_ratio(3.0, 2.0) == 1.5 and val_train_ratio(1.0, 4.0) == 0.25  # val loss / train loss
+    assert math.isnan(val_train_ratio(1.0, 0.0))
+    assert [overfitting({RATIO: r}) for r in (1.2, 1.5, 1.51, 3.0)] == [False, False, True, True]  # strictly above 1.5
+    assert not overfitting({}) and not overfitting({RATIO: math.nan})  # not validated this epoch
+
+    class FakeLive:
+        def __init__(self) -> None:
+            self.summary: dict = {}
+
+        def log_metric(self, name, value) -> None:
+            pass
+
+        def next_step(self) -> None:
+            pass
+
+    live = FakeLive()
+    logger = LiveLogger(live, prefix="16/")
+    rows = [{"val/loss": 3.2, "train/loss": 2.0}, {"train/loss": 1.0}, {"val/loss": 2.2, "train/loss": 2.0}]
+    flags = []
+    for logs in rows:
+        if "val/loss" in logs:
+            logs[RATIO] = val_train_ratio(logs["val/loss"], logs["train/loss"])
+        logger.log({"logs": logs, "best": 0.5, "best_epoch": 1})
+        flags.append(live.summary["16"]["overfitting"])
+    assert flags == [True, True, False]  # 1.6 flags; an epoch without validation keeps the last verdict; 1.1 clears it
 
 
 def test_val_loss_uses_batches_sized_as_in_training(params):

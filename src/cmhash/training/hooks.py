@@ -18,12 +18,25 @@ from cmhash.training.engine import Hook, TrainState, full_batch_starts
 from cmhash.training.monitor import Meter, pair_stats
 
 SELECT = "val/map"  # the number model selection and early stopping watch
+RATIO = "val/val_train_loss_ratio"  # val loss / train loss, the overfitting check
+OVERFIT_RATIO = 1.5  # above: overfitting, add dropout and weight decay
+EASE_RATIO = 1.2  # below: regularisation can be eased
+
+
+def val_train_ratio(val_loss: float, train_loss: float) -> float:
+    """Val loss / train loss (nan when the train loss is 0): the number the overfitting rule reads."""
+    return val_loss / train_loss if train_loss else math.nan
+
+
+def overfitting(logs: dict[str, float]) -> bool:
+    """True when this epoch was validated and its val/train loss ratio is above OVERFIT_RATIO."""
+    return logs.get(RATIO, math.nan) > OVERFIT_RATIO
 
 
 class Validator:
     """Every `every` epochs (and at the last): val loss and monitor stats (over batches sized as
-    in training, so the short last one is left out), the train/val loss
-    ratio, and val MAP@k - val pairs as queries against the train pairs as database, strict
+    in training, so the short last one is left out), the val/train loss
+    ratio (RATIO), and val MAP@k - val pairs as queries against the train pairs as database, strict
     protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set."""
 
     def __init__(self, val: FeatureSplit, database: FeatureSplit, *, every: int, epochs: int, batch_size: int, topk: int) -> None:
@@ -42,7 +55,7 @@ class Validator:
                                             local=True)
             meter.add(len(outputs[0]), {"loss": loss.item(), **pair_stats(*outputs)})
         state.logs.update(meter.means("val"))
-        state.logs["val/train_val_loss_ratio"] = state.logs["train/loss"] / state.logs["val/loss"] if state.logs["val/loss"] else math.nan
+        state.logs[RATIO] = val_train_ratio(state.logs["val/loss"], state.logs["train/loss"])
         i2t, t2i = self.retrieval_map(runner.model, runner.hashing)
         state.logs.update({"val/map_i2t": i2t, "val/map_t2i": t2i, SELECT: (i2t + t2i) / 2})
 
@@ -112,7 +125,8 @@ class EarlyStopping:
 
 class LiveLogger:
     """Every number of the epoch as a dvclive step curve (names prefixed, e.g. `16/train/loss`, when
-    several runs share one Live); best-so-far in the summary, under the prefix. Keeps the rows it
+    several runs share one Live); best-so-far in the summary, under the prefix, and `overfitting`:
+    whether the last validated epoch's val/train loss ratio is above OVERFIT_RATIO. Keeps the rows it
     logged so a resumed run can write the earlier epochs' curves again: `dvc repro` deletes a
     stage's outputs, metrics included, before it re-runs the stage."""
 
@@ -128,6 +142,8 @@ class LiveLogger:
             self.live.log_metric(self.prefix + name, value)
         summary = self.live.summary.setdefault(self.prefix.rstrip("/"), {}) if self.prefix else self.live.summary
         summary.update({"best_val_map": row["best"], "best_epoch": row["best_epoch"]})
+        if RATIO in row["logs"]:
+            summary["overfitting"] = overfitting(row["logs"])
         self.live.next_step()
         self.history.append(row)
 
