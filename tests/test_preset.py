@@ -37,7 +37,7 @@ RECIPE = {
     "model.reference.dim_feedforward": 2048, "model.reference.dropout": 0.1,
     "hash_head.hidden": 4096, "hash_head.dropout": 0.3,
     "train.inputs": "paired", "train.batch_size": 128, "train.precision": "fp32", "train.clip_grad_norm": 0.0, "train.patience": 0,
-    "train.optimizer.name": "adam", "train.optimizer.betas": [0.5, 0.999], "train.optimizer.weight_decay": 0.0,
+    "train.optimizer.name": "adam", "train.optimizer.adam.betas": [0.5, 0.999], "train.optimizer.weight_decay": 0.0,
     "train.schedule.name": "constant", "train.schedule.warmup_epochs": 0,
     "train.fusion.epochs": 50, "train.fusion.lr": 1e-4,
     "train.hash.epochs": 50, "train.hash.lr": 1e-3, "train.hash.fusion_lr": 1e-4, "train.hash.hash_weight": 0.5, "train.hash.init": "scratch",

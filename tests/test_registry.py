@@ -34,7 +34,7 @@ KINDS: dict[str, tuple[Registry, str, str | None]] = {
     "archs": (ARCHS, "model.arch", "model"),
     "schedules": (SCHEDULES, "train.schedule.name", "train.schedule"),
     "datasets": (DATASETS, "data.name", "data"),
-    "optimizers": (OPTIMIZERS, "train.optimizer.name", None),
+    "optimizers": (OPTIMIZERS, "train.optimizer.name", "train.optimizer"),
     "baselines": (BASELINES, "baselines.methods", "baselines"),
 }
 LISTS = {"baselines.methods"}  # keys that name entries in a list
@@ -195,10 +195,9 @@ def test_each_dataset_has_split_sizes(entry):
 @pytest.mark.parametrize("entry", entries("optimizers"))
 def test_each_optimizer_builds_with_the_shared_knobs(entry):
     """build_optimizer makes the registered class over param groups, keeping each group's lr."""
-    from cmhash.config.choices.optimizers import OptimizerConfig
     from cmhash.training.optimizers import build_optimizer
 
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}]
-    optimizer = build_optimizer(OptimizerConfig(name=entry.name), groups)
+    optimizer = build_optimizer(parse_params(choosing("train.optimizer.name", entry.name)).train.optimizer, groups)
     assert isinstance(optimizer, entry.load())
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-4]

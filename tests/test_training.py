@@ -291,10 +291,12 @@ def set_train(params: dict, dotted: str, value) -> None:
     ("fusion.epochs", 0), ("hash.epochs", 0), ("hash.epochs", 2.0),
     ("fusion.lr", 0), ("fusion.lr", -1e-4), ("fusion.lr", "fast"), ("fusion.lr", float("nan")), ("fusion.lr", True),
     ("hash.lr", 0.0), ("hash.fusion_lr", -1e-4), ("hash.fusion_lr", None),
-    ("optimizer.betas", [0.9]), ("optimizer.betas", [0.9, 1.0]), ("optimizer.betas", [-0.1, 0.999]),
-    ("optimizer.betas", 0.9), ("optimizer.betas", ["a", 0.999]), ("optimizer.weight_decay", -0.01),
+    ("optimizer.adam.betas", [0.9]), ("optimizer.adam.betas", [0.9, 1.0]), ("optimizer.adam.betas", [-0.1, 0.999]),
+    ("optimizer.adam.betas", 0.9), ("optimizer.adamw.betas", ["a", 0.999]), ("optimizer.weight_decay", -0.01),
+    ("optimizer.sgd.momentum", 1.0), ("optimizer.sgd.momentum", -0.1), ("optimizer.sgd.nesterov", "yes"),
+    ("optimizer.rmsprop.alpha", 1.0), ("optimizer.rmsprop.momentum", -0.5), ("optimizer.betas", [0.9, 0.999]),
     ("clip_grad_norm", -1.0), ("patience", -1), ("patience", 2.5), ("min_delta", -0.1), ("hash.hash_weight", -0.5),
-    ("select_topk", 0), ("resume", "yes"), ("precision", "fp8"), ("inputs", "image"), ("optimizer.name", "sgd"),
+    ("select_topk", 0), ("resume", "yes"), ("precision", "fp8"), ("inputs", "image"), ("optimizer.name", "lbfgs"),
 ])
 def test_a_bad_train_setting_stops_before_training_in_one_line_naming_it(params, tmp_path, features_dir, fusion_ckpt,
                                                                          monkeypatch, key, value):
@@ -307,7 +309,8 @@ def test_a_bad_train_setting_stops_before_training_in_one_line_naming_it(params,
     assert f"train.{key}" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("key", ["eval_every", "hash.fusion_lr", "optimizer.betas", "fusion.epochs", "precision", "hash.hash_weight"])
+@pytest.mark.parametrize("key", ["eval_every", "hash.fusion_lr", "optimizer.adam.betas", "optimizer.sgd", "fusion.epochs", "precision",
+                                 "hash.hash_weight"])
 def test_a_train_setting_left_out_takes_its_default(params, key):
     set_train(params, key, MISSING)
     train = parse_params(params).train
@@ -320,13 +323,13 @@ def test_a_train_setting_left_out_takes_its_default(params, key):
 def test_valid_edge_values_are_accepted(params, tmp_path, features_dir):
     """The bounds themselves, and a lr PyYAML reads as a string ("1e-4" has no dot)."""
     params["train"].update(patience=0, min_delta=0.0, clip_grad_norm=0.0, eval_every=5, select_topk=1)
-    params["train"]["optimizer"].update(betas=[0.0, 0.0], weight_decay=0)
+    params["train"]["optimizer"].update(weight_decay=0, adam={"betas": [0.0, 0.0]})
     params["train"]["fusion"].update(epochs=1, lr="1e-4")
     assert math.isfinite(train(params, tmp_path, features_dir))
 
 
 def test_the_optimizer_gets_its_name_betas_weight_decay_and_named_groups(params, tmp_path, features_dir, fusion_ckpt, monkeypatch):
-    params["train"]["optimizer"] = {"name": "adamw", "betas": [0.8, 0.95], "weight_decay": 0.01}
+    params["train"]["optimizer"].update(name="adamw", weight_decay=0.01, adamw={"betas": [0.8, 0.95]})
     params["train"]["hash"].update(lr=2e-3, fusion_lr=3e-4)
     seen: dict = {}
 
@@ -349,7 +352,7 @@ def test_the_optimizer_gets_its_name_betas_weight_decay_and_named_groups(params,
 
 
 def test_task_0_has_one_param_group_named_fusion_with_its_lr(params, tmp_path, features_dir, monkeypatch):
-    params["train"]["optimizer"] = {"name": "adam", "betas": [0.5, 0.999], "weight_decay": 0.0}
+    params["train"]["optimizer"].update(name="adam", weight_decay=0.0, adam={"betas": [0.5, 0.999]})
     params["train"]["fusion"]["lr"] = 5e-4
     seen = []
     snapshot = lambda opt: (type(opt), [(g["name"], g["lr"], g["betas"]) for g in opt.param_groups])  # noqa: E731
@@ -359,8 +362,51 @@ def test_task_0_has_one_param_group_named_fusion_with_its_lr(params, tmp_path, f
 
 
 def test_an_unknown_optimizer_is_refused_listing_the_valid_names():
-    with pytest.raises(ConfigError, match=r"train.optimizer.name = 'sgd': unknown optimizer 'sgd'; choose one of: adam, adamw$"):
-        parse_params({"train": {"optimizer": {"name": "sgd"}}})
+    with pytest.raises(ConfigError, match=r"train.optimizer.name = 'lbfgs': unknown optimizer 'lbfgs'; choose one of: adam, adamw, rmsprop, sgd$"):
+        parse_params({"train": {"optimizer": {"name": "lbfgs"}}})
+
+
+def test_nesterov_without_momentum_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"train": {"optimizer": {"name": "sgd", "sgd": {"momentum": 0.0, "nesterov": True}}}})
+    assert "train.optimizer.sgd" in str(err.value) and "nesterov needs momentum > 0" in str(err.value) and "\n" not in str(err.value)
+    assert parse_params({"train": {"optimizer": {"sgd": {"momentum": 0.5, "nesterov": True}}}}).train.optimizer.sgd.nesterov
+
+
+@pytest.mark.parametrize(("optimizer", "torch_class", "expected"), [
+    ({"name": "sgd", "weight_decay": 0.01, "sgd": {"momentum": 0.8, "nesterov": True}}, torch.optim.SGD,
+     {"momentum": 0.8, "nesterov": True, "weight_decay": 0.01}),
+    ({"name": "rmsprop", "rmsprop": {"alpha": 0.9, "momentum": 0.5}}, torch.optim.RMSprop,
+     {"alpha": 0.9, "momentum": 0.5, "weight_decay": 0.0}),
+])
+def test_sgd_and_rmsprop_get_their_knobs_on_every_group(params, tmp_path, features_dir, monkeypatch, optimizer, torch_class, expected):
+    params["train"]["optimizer"].update(optimizer)
+    params["train"]["fusion"].update(epochs=1)
+    seen = []
+    monkeypatch.setattr(task_module, "fit", lambda state, *a, **k: seen.append(state.optimizer) or fit(state, *a, **k))
+    assert math.isfinite(train(params, tmp_path, features_dir))
+    assert type(seen[0]) is torch_class
+    for group in seen[0].param_groups:
+        assert {key: group[key] for key in expected} == expected
+
+
+def test_one_sgd_step_with_nesterov_momentum_matches_the_formula():
+    """Two steps of build_optimizer's sgd on f(w) = w^2 / 2 (gradient w), by hand: Nesterov
+    with momentum m, buffer b = m b + g, update g + m b."""
+    from cmhash.training.optimizers import build_optimizer
+
+    cfg = parse_params({"train": {"optimizer": {"name": "sgd", "sgd": {"momentum": 0.5, "nesterov": True}}}}).train.optimizer
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = build_optimizer(cfg, [{"params": [w], "lr": 0.1}])
+    expected, buf = 2.0, 0.0
+    for _ in range(2):
+        opt.zero_grad()
+        (w ** 2 / 2).sum().backward()
+        g = expected
+        buf = 0.5 * buf + g
+        expected -= 0.1 * (g + 0.5 * buf)
+        opt.step()
+        assert w.item() == pytest.approx(expected, rel=1e-6)
 
 
 def logged(root: Path, name: str) -> dict[int, float]:

@@ -21,7 +21,7 @@ from cmhash.config.choices.archs import ARCHS, HashHeadConfig
 from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.choices.losses import LOSSES
-from cmhash.config.choices.optimizers import OptimizerConfig
+from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerBase
 from cmhash.config.choices.schedules import SCHEDULES, ScheduleBase
 from cmhash.config.fields import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Section
 from cmhash.config.registry import Registry
@@ -92,6 +92,7 @@ class HashTrain(Section):
 
 
 Schedule = with_sections(ScheduleBase, SCHEDULES, "Schedule")
+Optimizer = with_sections(OptimizerBase, OPTIMIZERS, "Optimizer")
 
 
 class TrainConfig(Section):
@@ -104,7 +105,7 @@ class TrainConfig(Section):
     patience: NonNegativeInt = 0  # early stopping after N validations without gain; 0 = off
     min_delta: NonNegative = 0.0
     resume: Flag = True  # continue an unfinished run from its checkpoints
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
     fusion: FusionTrain = FusionTrain()
     hash: HashTrain = HashTrain()

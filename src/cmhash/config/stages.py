@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmhash.config.choices.archs import HashHeadConfig
+from cmhash.config.choices.optimizers import OptimizerBase
 from cmhash.config.choices.schedules import ScheduleBase
 from cmhash.config.schema import Baselines, ClipConfig, Data, DistributedConfig, EvaluateConfig, FusionTrain, HashTrain, Params, TrainConfig
 
 TRAIN_COMMON = [name for name in TrainConfig.model_fields if name not in ("fusion", "hash")]
+CHOSEN = {"schedule": ScheduleBase, "optimizer": OptimizerBase}  # train sections holding one section per registered choice
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,14 @@ class TaskSettings:
 
     def reads(self, task: str) -> dict[str, Any]:
         """As params.yaml keys (dvc.yaml lists exactly these for the task's stage)."""
-        schedule = self.train.schedule
         keys = {"seed": self.seed, "device": self.device, "loss": self.loss, f"losses.{self.loss}": self.loss_knobs,
                 "model.arch": self.arch, f"model.{self.arch}": self.arch_knobs,
-                **{f"train.{name}": getattr(self.train, name) for name in TRAIN_COMMON if name != "schedule"},
-                **{f"train.schedule.{name}": getattr(schedule, name) for name in ScheduleBase.model_fields},
-                f"train.schedule.{schedule.name}": schedule.knobs, f"train.{task}": self.task,
-                "distributed": self.distributed}
+                **{f"train.{name}": getattr(self.train, name) for name in TRAIN_COMMON if name not in CHOSEN},
+                f"train.{task}": self.task, "distributed": self.distributed}
+        for name, base in CHOSEN.items():  # the shared knobs, and the chosen entry's section alone
+            section = getattr(self.train, name)
+            keys.update({f"train.{name}.{key}": getattr(section, key) for key in base.model_fields})
+            keys[f"train.{name}.{section.name}"] = section.knobs
         if self.hash_head is not None:
             keys["hash_head"] = self.hash_head
         return keys

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerConfig
+from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerBase
 
 
-def build_optimizer(cfg: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+def build_optimizer(cfg: OptimizerBase, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    # every knob is named as the torch optimiser's keyword argument
+    return OPTIMIZERS[cfg.name](groups, weight_decay=cfg.weight_decay, **cfg.knobs.model_dump())
