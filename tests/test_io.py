@@ -47,3 +47,44 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
         atomic_write_text(target, None)  # type: ignore[arg-type]
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left behind
+
+
+def test_a_write_removes_what_killed_writes_of_the_same_output_left_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    from cmhash.io import atomic_dir
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is no longer running: a killed writer's
+    dead, alive = child.pid, os.getppid()
+    planted = {
+        f".fusion.{dead}.k3j2_x9a.tmp": True,   # a killed writer's folder
+        f".fusion.{dead}.k3j2_x9a.old": True,   # the previous folder it had set aside mid-swap
+        ".fusion.q8w7e6r5.tmp": True,           # an older version's, with no pid
+        f".fusion.{alive}.a1b2c3d4.tmp": False,  # a write still running
+        f".fusion.extra.{dead}.a1b2c3d4.tmp": False,  # another output's (fusion.extra)
+        f".hash.{dead}.a1b2c3d4.tmp": False,     # another output's
+        "fusion.tmp": False,
+    }
+    for name in planted:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text("{}")
+    (tmp_path / f".fusion.{dead}.zz.tmp").write_text("a killed atomic_path write")  # a file, not a folder
+    with atomic_dir(tmp_path / "fusion") as out:
+        (out / "metrics.json").write_text('{"new": 1}')
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"fusion"} | {name for name, removed in planted.items() if not removed}
+    assert (tmp_path / "fusion" / "metrics.json").read_text() == '{"new": 1}'
+
+
+def test_a_file_write_removes_its_own_stale_temporary_files(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (tmp_path / f".map.json.{child.pid}.abc123.tmp").write_text("half")
+    (tmp_path / f".map.json.{os.getpid()}.def456.tmp").write_text("this process's own, still open")
+    atomic_write_text(tmp_path / "map.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".map.json.{os.getpid()}.def456.tmp", "map.json"]

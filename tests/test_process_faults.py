@@ -79,9 +79,23 @@ def test_train_hash_killed_after_a_checkpoint_resumes_to_the_same_numbers(uninte
     for part in ("stages/prepare", "stages/extract", "stages/fusion", "metrics/fusion"):
         shutil.copytree(uninterrupted / part, killed / part)
     kill_when(killed, ["train-hash"], "checkpoints/hash/16/last.pt")
+    assert list(killed.glob("metrics/.hash.*.tmp"))  # the curves' atomic folder, left by the kill
     cmhash(killed, "train-hash")  # resumes checkpoints/hash/16, then trains 32
+    assert not list(killed.glob("metrics/.hash.*")), "the resumed run left the killed run's temporary folder"
     cmhash(killed, "evaluate")
     assert (killed / "metrics/map.json").read_bytes() == (uninterrupted / "metrics/map.json").read_bytes()
+
+
+def test_train_fusion_killed_mid_run_resumes_and_removes_its_temporary_folder(uninterrupted, tmp_path, project_params):
+    killed = new_project(tmp_path / "killed", project_params)
+    for part in ("stages/prepare", "stages/extract"):
+        shutil.copytree(uninterrupted / part, killed / part)
+    kill_when(killed, ["train-fusion"], "checkpoints/fusion/last.pt")
+    assert list(killed.glob("metrics/.fusion.*.tmp"))
+    cmhash(killed, "train-fusion")
+    assert not list(killed.glob("metrics/.fusion.*")), "the resumed run left the killed run's temporary folder"
+    assert (killed / "stages/fusion/model.pt").read_bytes() == (uninterrupted / "stages/fusion/model.pt").read_bytes()
+    assert (killed / "metrics/fusion/metrics.json").read_bytes() == (uninterrupted / "metrics/fusion/metrics.json").read_bytes()
 
 
 def test_extract_killed_between_shards_resumes_to_the_same_features(uninterrupted, tmp_path, project_params):

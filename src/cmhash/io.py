@@ -68,15 +68,57 @@ def _land(land: Callable[[], None], discard: Callable[[], None]) -> None:
         pending.append((land, discard))
 
 
+def _tmp_prefix(path: Path) -> str:
+    # the writer's pid in the name tells a leftover of a killed process from a live write
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_leftovers(path: Path) -> list[Path]:
+    """Remove the temporary files and folders that earlier writes of `path` left beside it when
+    their process was killed (SIGKILL runs no cleanup): `.<name>.<pid>.<random>.tmp` (and `.old`,
+    a previous folder set aside mid-swap) whose pid is no longer running on this machine, and the
+    pid-less `.<name>.<random>.tmp` of older versions. A write still running keeps its own; no
+    other file is touched. Returns what it removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.[^.]+\.(?:tmp|old)|[^.]+\.tmp)")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or (match[1] is not None and _alive(int(match[1]))):
+            continue
+        leftover = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
-    Whatever fails - the block, or the disk under it - the temporary file goes and `path` stays."""
+    Whatever fails - the block, or the disk under it - the temporary file goes and `path` stays;
+    what a killed earlier write left goes first (remove_stale_leftovers)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_stale_leftovers(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
         os.fchmod(fd, 0o666 & ~UMASK)
         os.close(fd)
         yield Path(tmp)
@@ -101,12 +143,14 @@ def _replace(tmp: str | Path, path: Path) -> None:
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield an empty folder next to `path`; it replaces `path` (and all it held) only if the block
-    succeeds, so a failed run leaves the previous folder untouched. Errors of the block pass as
-    they are (it may read and write elsewhere); the folder's own steps fail as DiskError."""
+    succeeds, so a failed run leaves the previous folder untouched; what a killed earlier write
+    left goes first (remove_stale_leftovers). Errors of the block pass as they are (it may read
+    and write elsewhere); the folder's own steps fail as DiskError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        remove_stale_leftovers(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
     except OSError as exc:
         raise DiskError(path, exc) from None
     try:
