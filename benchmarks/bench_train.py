@@ -99,7 +99,7 @@ def baseline(state: TrainState, data: FeatureSplit, batch_size: int, epochs: int
             loss, outputs = state.runner.step(image, text)
             state.precision.backward_step(loss, state.optimizer, params, 0.0).item()
             loss.item(), pair_stats(*outputs)
-        state.scheduler.step()
+        state.scheduler.after_epoch()
 
 
 def timed(run: Callable[[], None]) -> float:

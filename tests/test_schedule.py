@@ -10,7 +10,7 @@ import torch
 from cmhash.config.choices.schedules import SCHEDULES
 from cmhash.config.schema import Schedule, parse_params
 from cmhash.errors import ConfigError
-from cmhash.training.schedule import build_scheduler
+from cmhash.training.schedule import ScheduleStepper, build_scheduler
 
 BASES = (1e-4, 1e-3)  # fusion-like and hash-head-like param groups
 WARMUP_LR = 1e-6
@@ -252,3 +252,79 @@ MULTISTEP = CASES["multistep"][0]
 ])
 def test_bad_values_raise_one_line_config_error(cfg, epochs: int, fragment: str) -> None:
     assert fragment in schedule_error(cfg, epochs)
+
+
+# ---- when the schedule steps, and on which groups ----------------------------------------------
+
+def named_optimizer() -> torch.optim.Optimizer:
+    groups = [{"name": name, "params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for name, lr in zip(("fusion", "hash"), BASES)]
+    return torch.optim.SGD(groups)
+
+
+def lrs(opt: torch.optim.Optimizer) -> tuple[float, ...]:
+    return tuple(group["lr"] for group in opt.param_groups)
+
+
+def test_per_batch_multistep_on_the_heads_alone_is_the_public_codes_schedule() -> None:
+    """milestones [3, 5] batches, gamma 1.2, 4 batches an epoch: the heads' lr is 1e-3 for batches
+    0-2, 1.2e-3 for 3-4, 1.44e-3 from 5 on; the fusion lr never moves; epochs do not step it."""
+    cfg = Schedule.model_validate({"name": "multistep", "every": "batch", "groups": "hash",
+                                   "multistep": {"milestones": [3, 5], "gamma": 1.2}})
+    opt = named_optimizer()
+    schedule = ScheduleStepper(opt, cfg, 3, 4)
+    seen = []
+    for _ in range(3):
+        for _ in range(4):
+            seen.append(lrs(opt))
+            opt.step()
+            schedule.after_batch()
+        schedule.after_epoch()  # no step per epoch
+    heads = [1e-3] * 3 + [1.2e-3] * 2 + [1.44e-3] * 7
+    assert [lr for _, lr in seen] == pytest.approx(heads, rel=1e-12)
+    assert all(fusion == BASES[0] for fusion, _ in seen)
+
+
+def test_the_default_steps_every_group_once_per_epoch_and_never_per_batch() -> None:
+    cfg = {"name": "step", "step": {"step_size": 1, "gamma": 0.5}}
+    opt = named_optimizer()
+    schedule = ScheduleStepper(opt, section(cfg, 4), 4, 10)
+    for epoch in range(4):
+        assert lrs(opt) == pytest.approx(tuple(base * 0.5 ** epoch for base in BASES), rel=1e-12)
+        for _ in range(10):
+            opt.step()
+            schedule.after_batch()  # no step per batch
+        schedule.after_epoch()
+    assert lrs(opt) == pytest.approx(tuple(base * 0.5 ** 4 for base in BASES), rel=1e-12)
+
+
+def test_heads_only_holds_the_fusion_lr_through_warm_up_and_decay() -> None:
+    cfg = section({"name": "cosine", "warmup_epochs": 2, "warmup_lr": WARMUP_LR, "groups": "hash", "cosine": {"eta_min": ETA_MIN}}, 6)
+    opt = named_optimizer()
+    schedule = ScheduleStepper(opt, cfg, 6, 1)
+    for epoch in range(6):
+        fusion, heads = lrs(opt)
+        assert fusion == BASES[0]
+        expected = warmup(BASES[1], epoch, 2) if epoch < 2 else cosine(BASES[1], epoch - 2, 4)
+        assert heads == pytest.approx(expected, rel=1e-9)
+        opt.step()
+        schedule.after_epoch()
+
+
+def test_per_batch_counts_warm_up_in_epochs_and_refuses_milestones_inside_it() -> None:
+    cfg = Schedule.model_validate({"name": "multistep", "every": "batch", "warmup_epochs": 1, "multistep": {"milestones": [4, 6]}})
+    cfg.check_against(2, list(BASES))  # batch milestones are not held to the epochs
+    with pytest.raises(ConfigError, match=r"train.schedule.multistep.milestones \[4, 6\] must lie after the warm-up \(5 batches\)"):
+        ScheduleStepper(named_optimizer(), cfg, 2, 5)
+    opt = named_optimizer()
+    ScheduleStepper(opt, cfg, 2, 3)  # warm-up of 3 batches, then milestones at batches 4 and 6
+    assert lrs(opt) == pytest.approx((WARMUP_LR, WARMUP_LR))
+
+
+@pytest.mark.parametrize(("cfg", "fragment"), [
+    ({"every": "step"}, "train.schedule.every = 'step'"),
+    ({"groups": "heads"}, "train.schedule.groups = 'heads'"),
+    ({"multistep": {"gamma": 0}}, "train.schedule.multistep.gamma = 0"),
+])
+def test_bad_stepping_knobs_are_refused_in_one_line(cfg, fragment) -> None:
+    assert fragment in schedule_error({"name": "multistep", **cfg}, 30)
+    assert Schedule.model_validate({"multistep": {"gamma": 1.2}}).multistep.gamma == 1.2  # a rise is allowed

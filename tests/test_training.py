@@ -27,7 +27,7 @@ from cmhash.training.engine import TrainState, fit
 from cmhash.training.hooks import Checkpointer, EarlyStopping
 from cmhash.training.resume import RunFolder
 from cmhash.training.runner import Runner
-from cmhash.training.schedule import build_scheduler
+from cmhash.training.schedule import ScheduleStepper
 from cmhash.training.task import TaskSettings, open_live, train_task
 from conftest import SYNTHETIC_CLASSES, SYNTHETIC_DIM, synthetic
 
@@ -111,7 +111,7 @@ def tiny_state(params: dict) -> tuple[TrainState, FeatureSplit]:
     model = CrossModalHasher(model_config(params))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = TrainState(Runner(model, build_loss("cosine"), "strict"), optimizer,
-                       build_scheduler(optimizer, parse_params(params).train.schedule, 20), Precision("fp32", torch.device("cpu")))
+                       ScheduleStepper(optimizer, parse_params(params).train.schedule, 20, 1), Precision("fp32", torch.device("cpu")))
     data = synthetic(32, seed=1)
     return state, FeatureSplit(*(torch.from_numpy(data[k]).float() for k in ("image", "text", "label")), meta={})
 
@@ -434,6 +434,22 @@ def test_the_logged_lr_follows_warm_up_then_cosine(params, tmp_path, features_di
     for epoch, lr in expected.items():
         assert curve[epoch] == pytest.approx(lr, rel=1e-9, abs=0), epoch
     assert curve[warmup] == pytest.approx(base) and curve[epochs - 1] > floor  # the last epoch still learns
+
+
+def test_a_per_batch_heads_only_schedule_steps_once_a_batch_and_leaves_the_fusion_lr(params, tmp_path, features_dir, fusion_ckpt,
+                                                                                      monkeypatch):
+    # 48 train pairs in batches of 16: 3 steps an epoch, 9 in 3 epochs; milestones at batches 2 and 4, x2 each
+    params["train"]["hash"].update(epochs=3, lr=1e-3, fusion_lr=1e-4)
+    params["train"]["schedule"].update(name="multistep", every="batch", groups="hash")
+    params["train"]["schedule"]["multistep"] = {"milestones": [2, 4], "gamma": 2.0}
+    steps = []
+    step = ScheduleStepper.step
+    monkeypatch.setattr(ScheduleStepper, "step", lambda self: steps.append(1) or step(self))
+    train(params, tmp_path, features_dir, bits=16, init_from=fusion_ckpt)
+    assert len(steps) == 3 * 3
+    # the lr each epoch's first batch trains with: after 0, 3 and 6 steps
+    assert logged(tmp_path, "16/lr/hash") == pytest.approx({0: 1e-3, 1: 2e-3, 2: 4e-3}, rel=1e-12)
+    assert logged(tmp_path, "16/lr/fusion") == {0: 1e-4, 1: 1e-4, 2: 1e-4}
 
 
 def test_validation_runs_every_eval_every_epochs_and_at_the_last(params, tmp_path, features_dir):

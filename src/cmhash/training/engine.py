@@ -29,7 +29,7 @@ from cmhash.training.runner import Runner
 class TrainState:
     runner: Runner
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Any  # cmhash.training.schedule.ScheduleStepper
     precision: Any  # cmhash.training.precision.Precision
     epoch: int = 0  # epochs completed
     logs: dict[str, float] = field(default_factory=dict)  # this epoch's numbers, filled by the loop and hooks
@@ -72,11 +72,12 @@ def fit(state: TrainState, train: FeatureSplit, *, epochs: int, batch_size: int,
                 with state.precision.autocast():
                     loss, outputs = state.runner.step(train.image[idx], train.text[idx])
                 grad_norm = state.precision.backward_step(loss, state.optimizer, params, clip_grad_norm).item()
+                state.scheduler.after_batch()
                 stats = {"loss": loss.item(), **pair_stats(*map(gather_rows, outputs))}  # of the global batch
                 if math.isfinite(grad_norm):  # not on fp16 steps the scaler skipped
                     stats["grad_norm"] = grad_norm  # before clipping
                 meter.add(len(idx), stats)
-            state.scheduler.step()
+            state.scheduler.after_epoch()
             state.epoch += 1
             state.logs = {**meter.summed_over_ranks().means("train"), **lrs}
             for hook in hooks:

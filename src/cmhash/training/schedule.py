@@ -1,7 +1,13 @@
-"""Learning-rate schedules (params.yaml `train.schedule`), stepped once per epoch, after it.
+"""Learning-rate schedules (params.yaml `train.schedule`), stepped once per epoch, after it
+(`every: epoch`, the default), or after every batch (`every: batch`, as the public UCMFH code
+steps its hash heads' schedulers), over every param group (`groups: all`) or the hash heads'
+alone (`groups: hash`: the fusion model keeps its base lr, as in the public code).
 
 Every schedule is an optional linear warm-up followed by a main phase, both torch schedulers,
-chained with SequentialLR. Epoch e (0-based) trains with the lr reached after e steps.
+chained with SequentialLR. Epoch e (0-based) trains with the lr reached after e steps; per
+batch, batch b of the run (0-based, counted over epochs) trains with the lr reached after b
+steps, and the schedule's own counts (`step_size`, `first_period`, `milestones`) are batches,
+the warm-up still `warmup_epochs` epochs (that many epochs' batches) and cosine spans the run.
 
 - Warm-up (`warmup_epochs`, `warmup_lr`, shared by every schedule): over `warmup_epochs` epochs
   the lr of every param group climbs linearly from the same absolute `warmup_lr` to that group's
@@ -40,13 +46,14 @@ from torch.optim.lr_scheduler import (
 
 from cmhash.config.choices.schedules import SCHEDULES, Cosine, CosineRestarts, MultiStep, ScheduleBase, StepDecay
 from cmhash.config.fields import Section
+from cmhash.errors import ConfigError
 
 # A main phase: (optimizer, its knobs, warm-up epochs, total epochs) -> scheduler run from the end
 # of warm-up. Each is registered by name, with its knobs, in cmhash.config.choices.schedules.
 MainPhase = Callable[[Optimizer, Any, int, int], LRScheduler]
 
 
-def cosine(optimizer: Optimizer, knobs: Cosine, warmup: int, epochs: int) -> LRScheduler:
+def cosine(optimizer: Optimizer, knobs: Cosine, warmup: int, epochs: int) -> LRScheduler:  # counts: epochs or batches
     return CosineAnnealingLR(optimizer, T_max=epochs - warmup, eta_min=knobs.eta_min)
 
 
@@ -77,11 +84,52 @@ def _linear_warmup(optimizer: Optimizer, warmup_lr: float, warmup: int) -> Lambd
     return LambdaLR(optimizer, [lambda epoch, start=start: start + (1.0 - start) * epoch / warmup for start in starts])
 
 
-def build_scheduler(optimizer: Optimizer, cfg: ScheduleBase, epochs: int) -> LRScheduler:
-    """The schedule `cfg` (params.yaml `train.schedule`, checked against the task's epochs and
-    lrs when it was loaded) over `epochs` epochs; call `.step()` once after each epoch."""
+def build_scheduler(optimizer: Optimizer, cfg: ScheduleBase, epochs: int, per_epoch: int = 1) -> LRScheduler:
+    """The torch scheduler of `cfg` (params.yaml `train.schedule`, checked against the task's
+    epochs and lrs when it was loaded) over `epochs` epochs of `per_epoch` steps each; call
+    `.step()` after each step (an epoch, or a batch with `per_epoch` batches an epoch)."""
+    steps, warmup = epochs * per_epoch, cfg.warmup_epochs * per_epoch
+    milestones = getattr(cfg.knobs, "milestones", None)
+    if milestones and milestones[0] <= warmup:
+        raise ConfigError(f"train.schedule.{cfg.name}.milestones {milestones} must lie after the warm-up ({warmup} batches)")
     main: MainPhase = SCHEDULES[cfg.name]
-    main = main(optimizer, cfg.knobs, cfg.warmup_epochs, epochs)
-    if not cfg.warmup_epochs:
+    main = main(optimizer, cfg.knobs, warmup, steps)
+    if not warmup:
         return main
-    return SequentialLR(optimizer, [_linear_warmup(optimizer, cfg.warmup_lr, cfg.warmup_epochs), main], milestones=[cfg.warmup_epochs])
+    return SequentialLR(optimizer, [_linear_warmup(optimizer, cfg.warmup_lr, warmup), main], milestones=[warmup])
+
+
+class ScheduleStepper:
+    """The lr schedule as the training loop drives it: the torch scheduler stepped after every
+    epoch or every batch (`train.schedule.every`), on every param group, or on the hash heads'
+    group alone (`groups: hash`; the others are held at their base lr, in task 0 all of them)."""
+
+    def __init__(self, optimizer: Optimizer, cfg: ScheduleBase, epochs: int, per_epoch: int) -> None:
+        held = [i for i, group in enumerate(optimizer.param_groups) if cfg.groups == "hash" and group.get("name") != "hash"]
+        bases = _base_lrs(optimizer)
+        self.held = {i: bases[i] for i in held}
+        self.optimizer, self.per_batch = optimizer, cfg.per_batch
+        self.scheduler = build_scheduler(optimizer, cfg, epochs, per_epoch if cfg.per_batch else 1)
+        self._hold()  # a warm-up has already set every group's starting lr
+
+    def _hold(self) -> None:
+        for i, lr in self.held.items():
+            self.optimizer.param_groups[i]["lr"] = lr
+
+    def step(self) -> None:
+        self.scheduler.step()
+        self._hold()
+
+    def after_batch(self) -> None:
+        if self.per_batch:
+            self.step()
+
+    def after_epoch(self) -> None:
+        if not self.per_batch:
+            self.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(saved)

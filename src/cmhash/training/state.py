@@ -16,7 +16,7 @@ from cmhash.runtime.precision import Precision
 from cmhash.training.engine import TrainState
 from cmhash.training.optimizers import build_optimizer
 from cmhash.training.runner import Runner
-from cmhash.training.schedule import build_scheduler
+from cmhash.training.schedule import ScheduleStepper
 
 
 def model_config(settings: TaskSettings, feature_dim: int, bits: int | None, clip: dict[str, Any] | None = None) -> ModelConfig:
@@ -25,9 +25,10 @@ def model_config(settings: TaskSettings, feature_dim: int, bits: int | None, cli
 
 
 def build_state(settings: TaskSettings, config: ModelConfig, device: torch.device, *, precision: str | None = None,
-                world: World = ONE_PROCESS, init: CrossModalHasher | None = None) -> TrainState:
+                world: World = ONE_PROCESS, init: CrossModalHasher | None = None, batches_per_epoch: int = 1) -> TrainState:
     """The model draws its initial weights from torch's generator as it stands (seed it first);
-    `init`: a fusion model whose weights task 1 starts from. `precision`: train.precision unless given."""
+    `init`: a fusion model whose weights task 1 starts from. `precision`: train.precision unless given.
+    `batches_per_epoch`: what a schedule stepped per batch counts to."""
     model = CrossModalHasher(config).to(device)
     if init is not None:
         model.fusion.load_state_dict(init.fusion.state_dict())
@@ -40,6 +41,6 @@ def build_state(settings: TaskSettings, config: ModelConfig, device: torch.devic
         runner=Runner(model, build_loss(settings.loss, settings.loss_knobs), settings.train.inputs,
                       stage.hash_weight if bits else None, world),
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, settings.train.schedule, stage.epochs),
+        scheduler=ScheduleStepper(optimizer, settings.train.schedule, stage.epochs, batches_per_epoch),
         precision=Precision(precision or settings.train.precision, device),
     )

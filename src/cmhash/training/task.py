@@ -27,7 +27,7 @@ from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
 from cmhash.runtime.device import resolve_device
 from cmhash.runtime.distributed import World, check_batch_split, current_world
 from cmhash.runtime.seeding import reseed_rank, seed_everything
-from cmhash.training.engine import fit
+from cmhash.training.engine import fit, full_batch_starts
 from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, OnMainRank, Validator
 from cmhash.training.resume import RunFolder, tensor_digest
 from cmhash.training.state import build_state, model_config
@@ -94,7 +94,7 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
     train, val = (load_features(features_dir / f"{split}.pkl", device) for split in ("train", "val"))
     check_batch_split(t.batch_size, len(train), world)
     config = model_config(settings, train.dim, bits, {k: train.meta.get(k) for k in ("clip_model", "pretrained", "random_init")})
-    state = build_state(settings, config, device, world=world)
+    state = build_state(settings, config, device, world=world, batches_per_epoch=len(full_batch_starts(len(train), t.batch_size)))
     if world.main:  # one warning for the job; the loss sees the global batch
         warn_if_small_batch(state.runner.loss, t.batch_size)
     init: list[torch.Tensor] = []

@@ -3,7 +3,7 @@ the main phase `name` with its knobs in `train.schedule.<name>`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
@@ -41,10 +41,10 @@ class StepDecay(Section):
 
 @SCHEDULES.register("multistep", "cmhash.training.schedule:multistep")
 class MultiStep(Section):
-    """x gamma at each milestone (absolute epoch numbers)."""
+    """x gamma at each milestone (absolute epoch numbers, or batches when stepped per batch)."""
 
     milestones: list[Count] = [20, 25]
-    gamma: Decay = 0.1
+    gamma: Positive = 0.1  # above 1 raises the lr, as the public UCMFH code does for its hash heads
 
     @field_validator("milestones")
     @classmethod
@@ -60,6 +60,12 @@ class ScheduleBase(Section):
     name: Annotated[str, AfterValidator(SCHEDULES.validate)] = "constant"
     warmup_epochs: NonNegativeInt = 0  # linear warm-up from warmup_lr to each param group's lr
     warmup_lr: NonNegative = 1e-6
+    every: Literal["epoch", "batch"] = "epoch"  # step after each epoch, or after each batch (counts then in batches)
+    groups: Literal["all", "hash"] = "all"  # schedule every param group, or the hash heads' alone (the fusion lr stays)
+
+    @property
+    def per_batch(self) -> bool:
+        return self.every == "batch"
 
     @property
     def knobs(self) -> Any:
@@ -78,6 +84,7 @@ class ScheduleBase(Section):
         if eta_min is not None and eta_min > lowest:
             raise ValueError(f"{self.name}.eta_min ({eta_min:g}) must be at most the smallest param-group lr ({lowest:g})")
         milestones = getattr(self.knobs, "milestones", None)
-        if milestones and not self.warmup_epochs < milestones[0] <= milestones[-1] < epochs:
+        # per batch, milestones count batches: the batches per epoch are known once the data is (build_schedule)
+        if milestones and not self.per_batch and not self.warmup_epochs < milestones[0] <= milestones[-1] < epochs:
             raise ValueError(f"{self.name}.milestones {milestones} must lie after the warm-up ({self.warmup_epochs}) "
                              f"and before the last epoch ({epochs})")
