@@ -205,6 +205,8 @@ def interrupted(params: dict, root: Path, features_dir: Path, monkeypatch, **kw)
     (lambda p: p.update(loss="infonce"), "loss"),
     (lambda p: p["model"].update(arch="cross_attention"), "model.arch"),
     (lambda p: p["train"]["fusion"].update(lr=2 * p["train"]["fusion"]["lr"]), "train.fusion.lr"),
+    (lambda p: p["train"]["augment"].update(noise_std=0.1), "train.augment.noise_std"),
+    (lambda p: p["train"]["schedule"].update(every="batch"), "train.schedule.every"),
 ])
 def test_resuming_with_other_settings_is_refused_in_one_line(params, tmp_path, features_dir, monkeypatch, change, named):
     interrupted(params, tmp_path, features_dir, monkeypatch)

@@ -23,7 +23,7 @@ from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerBase
 from cmhash.config.choices.schedules import SCHEDULES, ScheduleBase
-from cmhash.config.fields import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Section
+from cmhash.config.fields import Count, DeviceName, Flag, NonNegative, NonNegativeInt, Positive, Probability, Section
 from cmhash.config.registry import Registry
 from cmhash.errors import ConfigError
 
@@ -95,6 +95,17 @@ Schedule = with_sections(ScheduleBase, SCHEDULES, "Schedule")
 Optimizer = with_sections(OptimizerBase, OPTIMIZERS, "Optimizer")
 
 
+class AugmentConfig(Section):
+    """Feature augmentation of the train batches (never val): both 0 = off."""
+
+    noise_std: NonNegative = 0.0  # gaussian noise of this std added to every feature
+    dropout: Probability = 0.0  # each feature zeroed with this probability, the rest scaled by 1 / (1 - p)
+
+    @property
+    def on(self) -> bool:
+        return bool(self.noise_std or self.dropout)
+
+
 class TrainConfig(Section):
     inputs: Literal["strict", "paired", "both"] = "both"  # what the loss sees
     batch_size: Count = 128  # pairs per optimiser step
@@ -107,6 +118,7 @@ class TrainConfig(Section):
     resume: Flag = True  # continue an unfinished run from its checkpoints
     optimizer: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
+    augment: AugmentConfig = AugmentConfig()
     fusion: FusionTrain = FusionTrain()
     hash: HashTrain = HashTrain()
 

@@ -59,7 +59,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.d
 
 
 def fit(state: TrainState, train: FeatureSplit, *, epochs: int, batch_size: int, clip_grad_norm: float,
-        hooks: list[Hook], generator: torch.Generator) -> TrainState:
+        hooks: list[Hook], generator: torch.Generator,
+        augment: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> TrainState:
+    """`augment`: applied to each train batch (image, text) before the step (cmhash.training.augment)."""
     network, world = state.runner.network, state.runner.world
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     with progress_bar("train", total=epochs, unit="epoch") as advance:
@@ -69,8 +71,11 @@ def fit(state: TrainState, train: FeatureSplit, *, epochs: int, batch_size: int,
             meter = Meter()
             lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(state.optimizer.param_groups)}
             for idx in batches(len(train), batch_size, generator, train.image.device, world):
+                image, text = train.image[idx], train.text[idx]
+                if augment is not None:
+                    image, text = augment(image, text)
                 with state.precision.autocast():
-                    loss, outputs = state.runner.step(train.image[idx], train.text[idx])
+                    loss, outputs = state.runner.step(image, text)
                 grad_norm = state.precision.backward_step(loss, state.optimizer, params, clip_grad_norm).item()
                 state.scheduler.after_batch()
                 stats = {"loss": loss.item(), **pair_stats(*map(gather_rows, outputs))}  # of the global batch

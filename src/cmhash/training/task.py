@@ -27,6 +27,7 @@ from cmhash.models import CrossModalHasher, ModelConfig, load_checkpoint
 from cmhash.runtime.device import resolve_device
 from cmhash.runtime.distributed import World, check_batch_split, current_world
 from cmhash.runtime.seeding import reseed_rank, seed_everything
+from cmhash.training.augment import FeatureAugment
 from cmhash.training.engine import fit, full_batch_starts
 from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, OnMainRank, Validator
 from cmhash.training.resume import RunFolder, tensor_digest
@@ -123,7 +124,7 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
     generator = torch.Generator().manual_seed(settings.seed)  # the batch order: the same on every rank
     run.start(state, generator, hooks, resume=t.resume)
     fit(state, train, epochs=stage.epochs, batch_size=t.batch_size, clip_grad_norm=t.clip_grad_norm,
-        hooks=[OnMainRank(hooks, world), run], generator=generator)
+        hooks=[OnMainRank(hooks, world), run], generator=generator, augment=FeatureAugment(t.augment, generator, world))
     run.finish(out_path)
     log.info("%s: best val MAP@%s %.4f at epoch %d", task, t.select_topk, state.best, state.best_epoch)
     return state.best
