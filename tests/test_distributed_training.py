@@ -11,6 +11,7 @@ result. Every process runs one torch thread."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -407,3 +408,26 @@ def test_a_killed_rank_fails_the_job_naming_it_and_the_rerun_resumes_to_the_unin
     for name, tensor in state(whole / "stages/fusion/model.pt").items():
         assert torch.equal(state(killed / "stages/fusion/model.pt")[name], tensor), name
     assert (killed / "metrics/fusion/metrics.json").read_text() == (whole / "metrics/fusion/metrics.json").read_text()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_process_group_is_torn_down_after_a_barrier_only_when_the_block_succeeded(monkeypatch, fails):
+    """Every rank waits for the others before destroying its group (a rank that tore down and
+    exited while another still used their connections could abort at exit); after a failure the
+    others may be gone, so there is no barrier, only the teardown."""
+    from cmhash.config.schema import DistributedConfig
+    from cmhash.runtime.distributed import process_group
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+        with process_group(DistributedConfig(), "cpu") as world:
+            assert world.rank == 1 and world.size == 2
+            calls.append("work")
+            if fails:
+                raise ValueError("a user error on this rank")
+    assert calls == (["init", "work", "destroy"] if fails else ["init", "work", "barrier", "destroy"])

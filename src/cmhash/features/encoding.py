@@ -73,12 +73,18 @@ class Encoder:
             ImageFiles(paths, self.clip.preprocess), batch_sampler=batches, num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
-        for idx, images, bad in loader:
-            feats = np.zeros((0, self.clip.dim), dtype=np.float32)
-            if images is not None:
-                with self._autocast():
-                    feats = self.clip.model.encode_image(images.to(self.device, non_blocking=True)).float().cpu().numpy()
-            yield idx.numpy(), feats, bad
+        decoded = iter(loader)
+        try:
+            for idx, images, bad in decoded:
+                feats = np.zeros((0, self.clip.dim), dtype=np.float32)
+                if images is not None:
+                    with self._autocast():
+                        feats = self.clip.model.encode_image(images.to(self.device, non_blocking=True)).float().cpu().numpy()
+                yield idx.numpy(), feats, bad
+        finally:
+            # the last reference: its workers (and pin thread) stop now, also when the caller stops
+            # early, not whenever it is collected - threads alive at interpreter exit can abort it
+            del decoded
 
     @torch.no_grad()
     def captions(self, captions: list[str]) -> np.ndarray:

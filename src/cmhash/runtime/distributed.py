@@ -85,6 +85,11 @@ def process_group(cfg: DistributedConfig, device_type: str) -> Iterator[World]:
     dist.init_process_group(backend_for(cfg, device_type), timeout=timedelta(seconds=cfg.timeout_s))
     try:
         yield world
+        # Tear down together: a rank that destroyed its group and exited while another still used
+        # the connections between them could abort at exit ("terminate called without an active
+        # exception": a gloo thread still joinable when the process ends). After a failure the
+        # other ranks may be gone, so only a successful block waits here.
+        dist.barrier()
     except RuntimeError as exc:
         if not (isinstance(exc, dist.DistError) or "gloo/transport" in str(exc)):
             raise
