@@ -128,22 +128,23 @@ def binary_index(packed: np.ndarray) -> faiss.IndexBinaryFlat:
     return index
 
 
-def _within(index: BinaryCodes, query: np.ndarray, kth: int, wide: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of `index` at distance <= kth from one query (a range search)."""
-    _, dist, rows = index.range_search(query, kth + 1)  # distance < radius
-    return dist, rows
+def _within(index: BinaryCodes, queries: np.ndarray, kth: int, wide: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, every row of `index` at distance <= kth (one range search for them all)."""
+    lims, dist, rows = index.range_search(queries, kth + 1)  # distance < radius
+    return [(dist[lims[q]:lims[q + 1]], rows[lims[q]:lims[q + 1]]) for q in range(len(queries))]
 
 
 def hamming_topk(index: BinaryCodes, queries: np.ndarray, k: int, wide: int | None = None,
-                 tied: Callable[..., tuple[np.ndarray, np.ndarray]] = _within) -> tuple[np.ndarray, np.ndarray]:
+                 tied: Callable[..., list[tuple[np.ndarray, np.ndarray]]] = _within) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by Hamming distance, ties broken by database row (lower first): exact for a flat index.
 
     queries: packed uint8 [Q, bits / 8]. Returns distances int32 and rows int64, both [Q, min(k, N)].
     `wide`: how many rows to ask the index for (default k + TIE_MARGIN; an approximate index: its
     candidates, ranked here by their exact distances). Where every row returned is tied with the
-    k-th, more tied rows may exist: `tied(index, query, kth, wide)` collects every row within the
-    k-th distance (a range search), so the order never depends on FAISS's heap. An approximate
-    index that finds fewer than k candidates pads with row -1 (distance int32 max)."""
+    k-th, more tied rows may exist: `tied(index, queries, kth, wide)` collects, per query, every row
+    within the k-th distance (a range search; one call per distinct k-th distance), so the order
+    never depends on FAISS's heap. An approximate index that finds fewer than k candidates pads
+    with row -1 (distance int32 max)."""
     n = index.ntotal
     k = min(k, n)
     wide = min(n, max(k, wide or k + TIE_MARGIN))
@@ -154,12 +155,13 @@ def hamming_topk(index: BinaryCodes, queries: np.ndarray, k: int, wide: int | No
     order = np.lexsort((rows, dist), axis=1)[:, :k]
     top_dist, top_rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
     maybe_cut = (dist[:, -1] == top_dist[:, -1]) & (top_rows[:, -1] >= 0) & (dist.shape[1] < n)
-    for q in np.flatnonzero(maybe_cut):
-        d, r = tied(index, queries[q : q + 1], int(top_dist[q, -1]), wide)
-        r, first = np.unique(np.concatenate([r, rows[q]]), return_index=True)  # with the candidates (an approximate index
-        d = np.concatenate([d, dist[q]])[first]                                   # may not find them again)
-        ranked = np.lexsort((r, d))[:k]
-        top_dist[q], top_rows[q] = d[ranked], r[ranked]
+    for kth in np.unique(top_dist[maybe_cut, -1]):
+        cut = np.flatnonzero(maybe_cut & (top_dist[:, -1] == kth))
+        for q, (d, r) in zip(cut, tied(index, queries[cut], int(kth), wide)):
+            r, first = np.unique(np.concatenate([r, rows[q]]), return_index=True)  # with the candidates (an approximate
+            d = np.concatenate([d, dist[q]])[first]                                   # index may not find them again)
+            ranked = np.lexsort((r, d))[:k]
+            top_dist[q], top_rows[q] = d[ranked], r[ranked]
     return top_dist.astype(np.int32), top_rows.astype(np.int64)
 
 

@@ -88,8 +88,12 @@ class Hnsw(Flat):
         return hamming_topk(index, queries, k, wide=k * self.rerank, tied=self._tied)
 
     @staticmethod
-    def _tied(index: BinaryCodes, query: np.ndarray, kth: int, wide: int) -> tuple[np.ndarray, np.ndarray]:
-        """HNSW has no range search: twice the candidates until they reach past distance `kth`."""
+    def _tied(index: BinaryCodes, queries: np.ndarray, kth: int, wide: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """HNSW has no range search: per query, twice the candidates until they reach past distance `kth`."""
+        return [Hnsw._within(index, query[None], kth, wide) for query in queries]
+
+    @staticmethod
+    def _within(index: BinaryCodes, query: np.ndarray, kth: int, wide: int) -> tuple[np.ndarray, np.ndarray]:
         while True:
             wide = min(index.ntotal, 2 * wide)
             dist, rows = (a[0] for a in index.search(query, wide))
