@@ -3,6 +3,7 @@ in the same run.
 
     python benchmarks/bench_search.py              # 1,000,000 codes x 1,000 queries, 64 bits, top-10
     python benchmarks/bench_search.py --quick      # 100,000 codes, seconds
+    python benchmarks/bench_search.py --scale      # the index kinds at 1M and 10M codes (about 15 min)
 
 Data: uniformly random 64-bit codes, packed 8 bytes per code. Timed, each over its own queries:
   faiss                IndexBinaryFlat.search, FAISS's own tie order; with all threads (OpenMP over
@@ -15,6 +16,17 @@ Data: uniformly random 64-bit codes, packed 8 bytes per code. Timed, each over i
 Rates are queries/second (per-query rates, so different query counts compare). Times: wall clock,
 best of --repeats runs. Checks: FAISS's top-k distances equal NumPy's, and cmhash's rows equal
 NumPy's exactly (same tie rule), on the queries both ran.
+
+--scale: every index kind of `search.index` (cmhash.search.kinds) at each of --sizes (default 1M
+and 10M 64-bit codes) and two code distributions:
+  uniform     uniformly random codes: no structure, the worst case for IVF's lists
+  clustered   sign of a random projection of a Gaussian mixture (1,024 components in 64 dims,
+              noise 0.5 x the spread of the centres): codes that come in groups, as real ones do
+Queries are --queries fresh draws from the same distribution. Per kind and knob setting: build time,
+the index's bytes (faiss.serialize_index_binary) and the RSS growth while building, queries/s at
+1 thread and at all threads (the kind's whole search: candidates, exact re-rank, tie rule), and
+recall@10 against flat's rows (the fraction of flat's top-10 rows returned; strict about ties).
+HNSW is built only up to --hnsw-max codes (its build is the slow part on a small machine).
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cmhash.config.choices.indexes import HnswKnobs, IvfKnobs  # noqa: E402
 from cmhash.search.index import binary_index, hamming_topk  # noqa: E402
+from cmhash.search.kinds import Flat, Hnsw, Ivf  # noqa: E402
 from timing import best_time  # noqa: E402
 
 BITS = 64
@@ -60,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="100,000 codes, 200 queries")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", action="store_true", help="the index kinds at --sizes codes (see the module docstring)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--hnsw-max", type=int, default=1_000_000, help="--scale: build HNSW only up to this many codes")
     args = parser.parse_args(argv)
+    if args.scale:
+        return scale(args)
     if args.quick:
         args.codes, args.queries = 100_000, 200
 
@@ -110,6 +130,93 @@ def main(argv: list[str] | None = None) -> int:
     if not (same_dist and same_rows):
         print("RESULTS DIFFER between FAISS and the NumPy scan", file=sys.stderr)
     return 0 if same_dist and same_rows else 1
+
+
+# ------------------------------------------------------------------ --scale
+
+
+def uniform_codes(n: int, rng: np.random.Generator, _model: object) -> np.ndarray:
+    return rng.integers(0, 256, (n, BITS // 8), dtype=np.uint8)
+
+
+class Mixture:
+    """A Gaussian mixture in `dim` dimensions and one random projection to BITS signs."""
+
+    def __init__(self, rng: np.random.Generator, components: int = 1024, dim: int = 64, noise: float = 0.5) -> None:
+        self.centres = rng.standard_normal((components, dim), dtype=np.float32)
+        self.projection = rng.standard_normal((dim, BITS), dtype=np.float32)
+        self.noise = noise
+
+
+def clustered_codes(n: int, rng: np.random.Generator, mixture: Mixture) -> np.ndarray:
+    out = np.empty((n, BITS // 8), np.uint8)
+    for start in range(0, n, 1_000_000):  # in chunks: 10M x 64 floats would be 2.5 GB
+        m = min(1_000_000, n - start)
+        x = mixture.centres[rng.integers(0, len(mixture.centres), m)]
+        x += mixture.noise * rng.standard_normal(x.shape, dtype=np.float32)
+        out[start:start + m] = np.packbits(x @ mixture.projection > 0, axis=1)
+    return out
+
+
+DISTRIBUTIONS = {"uniform": uniform_codes, "clustered": clustered_codes}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def settings(n: int, hnsw_max: int) -> list[tuple[str, object]]:
+    """(label, kind) per knob setting swept at `n` codes: a small sweep, one build per kind and nlist."""
+    nlist = 1024 if n <= 2_000_000 else 4096  # about sqrt(N) to 4 sqrt(N); the quantizer scan grows with nlist
+    out: list[tuple[str, object]] = [("flat", Flat())]
+    out += [(f"ivf nlist={nlist} nprobe={p}", Ivf(IvfKnobs(nlist=nlist, nprobe=p, train_sample=40 * nlist), rerank=4, seed=0))
+            for p in (8, 32, 128)]
+    if n <= hnsw_max:
+        out += [(f"hnsw m=16 ef_search={ef}", Hnsw(HnswKnobs(m=16, ef_search=ef, ef_construction=40), rerank=4))
+                for ef in (64, 256)]
+    return out
+
+
+def scale(args: argparse.Namespace) -> int:
+    threads = faiss.omp_get_max_threads()
+    print(f"--scale: {BITS}-bit codes, {args.queries} queries, top-{args.k}; {os.cpu_count()} CPU(s), FAISS threads {threads}; "
+          f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+    print("| codes | distribution | index and knobs | build s | index MiB | RSS growth MiB | q/s 1 thread "
+          f"| q/s {threads} threads | vs flat (1 / {threads} threads) | recall@{args.k} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for n in args.sizes:
+        for dist_name, draw in DISTRIBUTIONS.items():
+            rng = np.random.default_rng(args.seed)
+            model = Mixture(rng)
+            db, queries = draw(n, rng, model), draw(args.queries, rng, model)
+            built: dict[int, tuple[float, faiss.IndexBinary, int, int]] = {}  # one build per kind and build knobs
+            truth, flat_rates = None, {}
+            for label, kind in settings(n, args.hnsw_max):
+                key = (kind.name, tuple(v for k, v in kind.knobs.model_dump().items() if k not in ("nprobe", "ef_search")))
+                if key not in built:
+                    before = rss_bytes()
+                    start = time.perf_counter()
+                    index = kind.build(db)
+                    seconds = time.perf_counter() - start
+                    built[key] = (seconds, index, len(faiss.serialize_index_binary(index)), rss_bytes() - before)
+                seconds, index, nbytes, grown = built[key]
+                kind.opened(index)  # this setting's search knobs
+                rates = {}
+                for t in (1, threads):
+                    faiss.omp_set_num_threads(t)
+                    elapsed, (_, rows) = best_time(lambda kind=kind, index=index, queries=queries: kind.topk(index, queries, args.k), args.repeats)
+                    rates[t] = args.queries / elapsed
+                faiss.omp_set_num_threads(threads)
+                if truth is None:
+                    truth, flat_rates = rows, dict(rates)
+                recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(rows, truth)])
+                print(f"| {n:,} | {dist_name} | {label} | {seconds:.1f} | {nbytes / 2**20:.0f} | {grown / 2**20:.0f} "
+                      f"| {rates[1]:,.0f} | {rates[threads]:,.0f} | {rates[1] / flat_rates[1]:.1f}x / "
+                      f"{rates[threads] / flat_rates[threads]:.1f}x | {recall:.3f} |", flush=True)
+            del built, db
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
 
 
 if __name__ == "__main__":

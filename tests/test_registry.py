@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cmhash.config.choices.archs import ARCHS
 from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.indexes import INDEXES
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS
 from cmhash.config.choices.schedules import SCHEDULES
@@ -36,6 +37,7 @@ KINDS: dict[str, tuple[Registry, str, str | None]] = {
     "datasets": (DATASETS, "data.name", "data"),
     "optimizers": (OPTIMIZERS, "train.optimizer.name", "train.optimizer"),
     "baselines": (BASELINES, "baselines.methods", "baselines"),
+    "indexes": (INDEXES, "search.index", "search"),
 }
 LISTS = {"baselines.methods"}  # keys that name entries in a list
 

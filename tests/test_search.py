@@ -300,3 +300,22 @@ def test_index_with_another_seed_than_extract_is_refused(pipeline, invoke):
     message = last_error_line(invoke("index", "--split", "retrieval", "--params", pipeline))
     assert "seed 2023" in message and "7" in message
     assert not Path("stages/index").exists()
+
+
+def test_an_exhaustive_ivf_index_answers_as_the_flat_one(split_index, pipeline, invoke, search_json):
+    """`search.index: ivf` through `cmhash index`: index.json records it, and with nprobe = nlist
+    item queries (both directions) give the flat index's answers exactly."""
+    import yaml
+
+    params = yaml.safe_load(pipeline.read_text())
+    params["search"] = {**params["search"], "index": "ivf", "ivf": {"nlist": 4, "nprobe": 4, "train_sample": 1000}}
+    pipeline.write_text(yaml.safe_dump(params))
+    ok(invoke("index", "--split", "retrieval", "--params", pipeline, "--out-dir", "ivf_index"))
+    meta = json.loads(Path("ivf_index/index.json").read_text())
+    assert meta["backend"]["index"] == {"kind": "ivf", "knobs": {"nlist": 4, "nprobe": 4, "train_sample": 1000}, "rerank": 4, "seed": 2023}
+    assert isinstance(CodeIndex.load(Path("ivf_index")).codes["image"], faiss.IndexBinaryIVF)
+    for item_id in [it["id"] for it in CodeIndex.load(split_index).items[:4]]:
+        for option in ("--image-of", "--text-of"):
+            flat = search_json(option, item_id, "-k", 15)
+            ivf = search_json(option, item_id, "-k", 15, "--index-dir", "ivf_index")
+            assert ivf["results"] == flat["results"] and ivf["searched"] == flat["searched"]

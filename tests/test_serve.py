@@ -130,6 +130,7 @@ def test_info_and_health(client, served):
     meta = json.loads((served / "index.json").read_text())
     assert info["bits"] == 16 and info["count"] == meta["count"] == 60 and info["modalities"] == ["image", "text"]
     assert info["backend"] == "faiss" and info["source"] == {"split": "retrieval"}
+    assert info["index_kind"] == meta["backend"]["index"] == {"kind": "flat", "knobs": {}, "rerank": 4, "seed": 2023}
     assert info["model"] == meta["model"]
     assert info["clip"] == {"clip_model": "cmhash-tiny", "pretrained": "none", "random_init": True, "seed": 2023}
     assert "random-init CLIP" in info["notice"]

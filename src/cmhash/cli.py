@@ -16,6 +16,7 @@ from rich.text import Text
 from cmhash.config.choices.archs import ARCHS
 from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.indexes import INDEXES
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS
 from cmhash.config.choices.schedules import SCHEDULES
@@ -67,7 +68,7 @@ for name, command in {**STAGES, **TOOLS}.items():
     app.command(name)(_one_line_errors(self_launching(command) if name in DISTRIBUTED else one_process(name, command)))
 
 REGISTRIES = {"losses": LOSSES, "archs": ARCHS, "schedules": SCHEDULES, "datasets": DATASETS, "optimizers": OPTIMIZERS,
-              "baselines": BASELINES}
+              "baselines": BASELINES, "indexes": INDEXES}
 
 
 @app.command("list")

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_m
 from cmhash.config.choices.archs import ARCHS, HashHeadConfig
 from cmhash.config.choices.baselines import BASELINES
 from cmhash.config.choices.datasets import DATASETS
+from cmhash.config.choices.indexes import INDEXES
 from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS, OptimizerBase
 from cmhash.config.choices.schedules import SCHEDULES, ScheduleBase
@@ -168,10 +169,23 @@ class BaselinesBase(Section):
         return getattr(self, method)
 
 
+class SearchBase(Section):
+    """`cmhash index` and `cmhash search` (not a dvc.yaml stage): how the codes are indexed."""
+
+    index: one_of(INDEXES) = "flat"  # flat (exact) | ivf | hnsw: `cmhash list indexes`
+    rerank: Count = 4  # approximate kinds: k x rerank candidates re-ranked by exact distance
+
+    @property
+    def knobs(self) -> Any:
+        """The chosen kind's section, `search.<index>`."""
+        return getattr(self, self.index)
+
+
 Losses = with_sections(Section, LOSSES, "Losses")
 Baselines = with_sections(BaselinesBase, BASELINES, "Baselines")
 Data = with_sections(DataBase, DATASETS, "Data")
 Model = with_sections(ModelBase, ARCHS, "Model")
+Search = with_sections(SearchBase, INDEXES, "Search")
 
 
 class Params(Section):
@@ -190,6 +204,7 @@ class Params(Section):
     distributed: DistributedConfig = DistributedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     baselines: Baselines = Baselines()
+    search: Search = Search()
 
     @property
     def loss_knobs(self) -> Any:

@@ -1,6 +1,6 @@
 """`cmhash index` and `cmhash search`: tools on top of the pipeline's outputs (not dvc.yaml stages).
 
-index   reads   a split (stages/extract/<split>.pkl + stages/prepare/<split>.jsonl), an image folder
+index   reads   params.yaml `search` (the index kind) and a split (stages/extract/<split>.pkl + stages/prepare/<split>.jsonl), an image folder
                 or a captions file; stages/hash/<bits>/model.pt
         writes  stages/index/ (see cmhash.search.index), the codes there or in Milvus (--backend milvus)
 search  reads   stages/index/, the hash model it names; prints the nearest codes of the other modality
@@ -52,9 +52,13 @@ def index(
     (source, value), = given.items()
     p = load_params(params)
     from cmhash.search.engine import build_index
-    from cmhash.search.index import code_store
+    from cmhash.search.index import FaissFiles, code_store, index_kind
 
-    store = code_store({"name": backend, "uri": milvus_uri})  # a missing extra or a bad URI fails here, before any encoding
+    if backend != "faiss" and p.search.index != "flat":
+        raise ConfigError(f"search.index {p.search.index} is for --backend faiss; Milvus indexes its codes itself (docs/search.md)")
+    kind = index_kind({"kind": p.search.index, "knobs": p.search.knobs.model_dump(), "rerank": p.search.rerank, "seed": p.seed})
+    # a missing extra or a bad URI fails here, before any encoding
+    store = FaissFiles(kind) if backend == "faiss" else code_store({"name": backend, "uri": milvus_uri})
     bits = bits or (DEFAULT_BITS if DEFAULT_BITS in p.bits else p.bits[0])
     build_index(source, value, device_name=p.device, seed=p.seed, clip=p.clip, bits=bits, hash_dir=hash_dir,
                 features_dir=features_dir, prepare_dir=prepare_dir, out_dir=out_dir, store=store)

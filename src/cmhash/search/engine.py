@@ -22,7 +22,7 @@ from cmhash.features.clip import caption_is_cut
 from cmhash.features.encoding import ClipEncoder
 from cmhash.runtime.device import resolve_device
 from cmhash.search.hashing import HashModel, load_hash_model
-from cmhash.search.index import CodeIndex, CodeStore, code_store, hamming_topk, pack_codes
+from cmhash.search.index import CodeIndex, CodeStore, code_store, pack_codes
 from cmhash.search.queries import QueryError
 from cmhash.search.sources import SOURCES, Sources
 
@@ -178,9 +178,11 @@ class Searcher:
         target = _searched(self.index, modality, self.index_dir)
         with self.lock, torch.inference_mode():
             packed = code()
-        dist, rows = hamming_topk(self.index.codes[target], packed, top)
+        dist, rows = self.index.topk(target, packed, top)
         items = self.index.items
-        results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]} for rank, (d, r) in enumerate(zip(dist[0], rows[0]), 1)]
+        found = rows[0] >= 0  # an approximate index can find fewer than `top`
+        results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]}
+                   for rank, (d, r) in enumerate(zip(dist[0][found], rows[0][found]), 1)]
         return {"query": query, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
                 "clip": self.clip, "notes": notes, "results": results}
 
@@ -198,5 +200,6 @@ class Searcher:
             notice = "codes come from a random-init CLIP (pretrained: none): results test the pipeline, not the method"
         return {"index": str(self.index_dir), "count": len(self.index.items), "bits": self.index.bits,
                 "modalities": sorted(self.index.codes), "source": meta["source"], "backend": self.index.backend["name"],
+                "index_kind": self.index.kind.record,
                 "model": {"checkpoint": str(self.hash_model.checkpoint), "sha256": self.hash_model.sha256},
                 "clip": {**self.clip, "seed": meta["clip"].get("seed")}, "notice": notice}

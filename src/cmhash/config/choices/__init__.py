@@ -6,4 +6,6 @@ archs.py       `model.arch`, `model.<arch>`, `hash_head`   cmhash.models
 schedules.py   `train.schedule`                           cmhash.training.schedule
 optimizers.py  `train.optimizer`                          torch.optim
 datasets.py    `data.name` and `data.<name>`              cmhash.data.datasets
+baselines.py   `baselines.methods`, `baselines.<name>`     cmhash.baselines.methods
+indexes.py     `search.index`, `search.<kind>`            cmhash.search.kinds
 """
