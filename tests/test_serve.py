@@ -9,6 +9,7 @@ and test_milvus.py import these fixtures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,12 +79,14 @@ def query_items() -> list:
     return read_split(Path("stages/prepare/query.jsonl"))
 
 
-@pytest.fixture
-def live_server(served):
-    """The real `cmhash serve --port 0` in a subprocess: yields its URL; then Ctrl+C (SIGINT) must
-    stop it cleanly: uvicorn's shutdown, exit code 130 (the shell's code for Ctrl+C), no traceback."""
-    proc = subprocess.Popen([str(CMHASH), "serve", "--index-dir", str(served), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def running_serve(index_dir: Path, *options: str, sigint=signal.SIG_DFL) -> Iterator[str]:
+    """The real `cmhash serve --port 0` in a subprocess, started with `sigint` as its inherited SIGINT
+    disposition (set in the child, so the test runner's own disposition never leaks in): yields its
+    URL; then Ctrl+C (SIGINT) must stop it cleanly: uvicorn's shutdown, exit code 130 (the shell's
+    code for Ctrl+C), no traceback."""
+    proc = subprocess.Popen([str(CMHASH), "serve", "--index-dir", str(index_dir), "--port", "0", *options], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -99,6 +103,12 @@ def live_server(served):
         reader.join(timeout=10)
     log = "".join(lines)
     assert code == 130 and "Application shutdown complete" in log and "Traceback" not in log, log
+
+
+@pytest.fixture
+def live_server(served) -> Iterator[str]:
+    with running_serve(served) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- the same answers as the CLI
@@ -391,6 +401,14 @@ def test_the_serve_command(live_server):
         assert http.get("/api/info").json()["count"] == 60
         assert http.get("/api/search", params={"text": ""}).status_code == 400
         assert len(http.get("/api/search", params={"text": "a blue ring", "k": 4}).json()["results"]) == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_when_sigint_was_inherited_ignored(served):
+    """A background job started from a script inherits SIGINT ignored; uvicorn still stops on it, and
+    the command must still exit 130, not 0 (running_serve checks the code)."""
+    with running_serve(served, sigint=signal.SIG_IGN) as url:
+        assert httpx.get(f"{url}healthz", timeout=30).json() == {"status": "ok"}
 
 
 def test_serve_errors_are_one_line(invoke, one_line_error, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -75,6 +76,10 @@ def serve(
         info = searcher.info()
         typer.echo(f"serving {index_dir} ({info['count']:,} items, {info['bits']}-bit codes, {info['backend']}) "
                    f"on http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops)")
+        # uvicorn restores the SIGINT handler it found and re-raises SIGINT after its graceful shutdown;
+        # inherited as ignored (a background job started from a script) that raise does nothing and the
+        # command exits 0. With Python's own handler it raises KeyboardInterrupt: exit code 130, as for Ctrl+C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         server.run(sockets=[sock])
     finally:
         sock.close()
