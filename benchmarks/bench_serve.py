@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             for clients in args.clients:
                 latencies, failed, wall = under_load(url, captions, clients, args.duration, args.max_requests)
                 failures += failed
-                loaded[batch, wait_ms, clients] = ms(latencies, 50), ms(latencies, 95), len(latencies) / wall
-                rows.append((f"`cmhash serve`, {server}, {clients} client(s), {wall:.0f} s ({len(latencies):,} queries)", *loaded[batch, wait_ms, clients]))
+                measured = loaded[batch, wait_ms, clients] = ms(latencies, 50), ms(latencies, 95), len(latencies) / wall
+                rows.append((f"`cmhash serve`, {server}, {clients} client(s), {wall:.0f} s ({len(latencies):,} queries)", *measured))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)

@@ -567,3 +567,17 @@ def test_serve_errors_are_one_line(invoke, one_line_error, tmp_path, monkeypatch
     assert "--max-upload-mb must be above 0" in one_line_error(invoke("serve", "--max-upload-mb", 0))
     assert "--batch must be at least 1" in one_line_error(invoke("serve", "--batch", 0, "--port", 0))
     assert "--batch-wait-ms must be from 0 to 1000" in one_line_error(invoke("serve", "--batch-wait-ms", 5000, "--port", 0))
+
+
+@pytest.mark.slow
+def test_a_short_soak_has_no_5xx_and_bounded_memory(served, tmp_path):
+    """benchmarks/soak_serve.py for 20 s: 16 clients, good and bad queries and uploads cut off
+    midway; no 5xx, every answer the expected status, RSS growth under 10%, no traceback."""
+    script = Path(__file__).parents[1] / "benchmarks" / "soak_serve.py"
+    done = subprocess.run([sys.executable, str(script), "--index-dir", str(served), "--seconds", "20", "--json",
+                           "--log", str(tmp_path / "server.log")], capture_output=True, text=True, timeout=600)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert done.returncode == 0 and report["failed"] == [], (report, done.stderr)
+    assert report["5xx"] == report["5xx_in_log"] == 0 and report["unexpected"] == {} and report["rss_growth"] < 0.10
+    assert set(report["per_kind"]) == {"text", "image", "item", "oversized", "broken", "long caption", "bad k", "disconnect"}
+    assert report["alive_at_end"] and report["exit_code"] == 130
