@@ -58,6 +58,15 @@ def test_search_by_caption_and_by_image_in_the_browser(page, tmp_path):
     page.wait_for_function("[...document.querySelectorAll('#grid img')].every(img => img.complete && img.naturalWidth > 0)")
     page.screenshot(path=tmp_path / "text-query.png", full_page=True)
 
+    # "more like this" on the third image: the images nearest to its caption's code, as the API answers
+    third_id = cards.nth(2).locator(".id").inner_text()
+    href = cards.nth(2).locator("a.similar").get_attribute("href")
+    assert href.endswith("/similar?target=image&k=7")
+    expected = [r["id"] for r in page.request.get(page.url + href).json()["results"]]
+    cards.nth(2).locator("a.similar").click()
+    expect(page.locator("#summary")).to_contain_text(f'7 nearest images to the caption of item "{third_id}"')
+    expect(cards.locator(".id")).to_have_text(expected)
+
     page.set_input_files("#file", "stages/prepare/images/000003.png")
     captions = page.locator("#captions .result")
     expect(captions).to_have_count(7)
@@ -66,6 +75,10 @@ def test_search_by_caption_and_by_image_in_the_browser(page, tmp_path):
     expect(captions.first.locator(".distance")).to_have_text(re.compile(r"^distance \d+$"))
     expect(page.locator("#query-image")).to_be_visible()
     page.screenshot(path=tmp_path / "image-query.png", full_page=True)
+    captions.first.locator("a.similar").click()  # the captions nearest to that caption's image code
+    expect(page.locator("#summary")).to_contain_text("7 nearest captions to the image of item")
+    expect(captions).to_have_count(7)
+    expect(page.locator("#query-image")).to_be_hidden()
     assert (tmp_path / "text-query.png").stat().st_size > 10_000 and (tmp_path / "image-query.png").stat().st_size > 10_000
     assert page.errors == []
 

@@ -9,6 +9,7 @@ and test_milvus.py import these fixtures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,11 +31,13 @@ import yaml
 from fastapi.testclient import TestClient
 
 from cmhash.data.manifest import read_split
+from cmhash.errors import ConfigError
 from cmhash.search.engine import Searcher
 from cmhash.serve.app import create_app
+from cmhash.serve.batching import MicroBatcher
 from cmhash.serve.command import listen
 from cmhash.serve.files import IndexedImages
-from cmhash.serve.limits import Limits
+from cmhash.serve.limits import Batching, Limits
 
 PIPELINE = ("prepare", "extract", "train-fusion", "train-hash", "evaluate")
 CMHASH = Path(sys.executable).with_name("cmhash")
@@ -77,12 +81,14 @@ def query_items() -> list:
     return read_split(Path("stages/prepare/query.jsonl"))
 
 
-@pytest.fixture
-def live_server(served):
-    """The real `cmhash serve --port 0` in a subprocess: yields its URL; then Ctrl+C (SIGINT) must
-    stop it cleanly: uvicorn's shutdown, exit code 130 (the shell's code for Ctrl+C), no traceback."""
-    proc = subprocess.Popen([str(CMHASH), "serve", "--index-dir", str(served), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def running_serve(index_dir: Path, *options: str, sigint=signal.SIG_DFL) -> Iterator[str]:
+    """The real `cmhash serve --port 0` in a subprocess, started with `sigint` as its inherited SIGINT
+    disposition (set in the child, so the test runner's own disposition never leaks in): yields its
+    URL; then Ctrl+C (SIGINT) must stop it cleanly: uvicorn's shutdown, exit code 130 (the shell's
+    code for Ctrl+C), no traceback."""
+    proc = subprocess.Popen([str(CMHASH), "serve", "--index-dir", str(index_dir), "--port", "0", *options], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -99,6 +105,12 @@ def live_server(served):
         reader.join(timeout=10)
     log = "".join(lines)
     assert code == 130 and "Application shutdown complete" in log and "Traceback" not in log, log
+
+
+@pytest.fixture
+def live_server(served) -> Iterator[str]:
+    with running_serve(served) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- the same answers as the CLI
@@ -135,11 +147,59 @@ def test_info_and_health(client, served):
     assert info["clip"] == {"clip_model": "cmhash-tiny", "pretrained": "none", "random_init": True, "seed": 2023}
     assert "random-init CLIP" in info["notice"]
     assert info["limits"] == {"max_upload_bytes": 10 * 2**20, "max_pixels": None, "max_text_chars": 1000, "max_k": 100, "default_k": 10}
+    assert info["batching"] == {"size": 32, "wait_ms": 2.0}
     page = client.get("/")
     assert page.status_code == 200 and "cmhash search" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/docs").status_code == 404  # Swagger UI would load scripts from a CDN
+
+
+@pytest.mark.slow
+def test_item_queries_answer_what_the_cli_prints(client, searcher, invoke):
+    """GET /api/items/{row}/similar?target=text is `cmhash search --image-of <its id>`, target=image
+    is `--text-of`: the same JSON, ties in the same order."""
+    items = searcher.index.items
+    assert len({item["id"] for item in items}) == len(items)  # unique ids: each row is its id's first row
+    for row in (0, 17, 59):
+        for target, option in (("text", "--image-of"), ("image", "--text-of")):
+            cli = json.loads(ok(invoke("search", option, items[row]["id"], "-k", 9, "--json")).stdout)
+            answer = client.get(f"/api/items/{row}/similar", params={"target": target, "k": 9})
+            assert answer.status_code == 200 and answer.json() == cli, (row, target)
+            assert cli["searched"] == target and len(cli["results"]) == 9
+    assert len(client.get("/api/items/3/similar", params={"target": "image"}).json()["results"]) == 10  # default k
+
+
+@pytest.mark.slow
+def test_bad_item_queries_are_one_line_4xx(client, searcher):
+    bad = {
+        "a row past the end": ("/api/items/60/similar?target=text", 404, "no row 60 in stages/index: rows are 0 to 59"),
+        "a row that is not a number": ("/api/items/abc/similar?target=text", 404, "no row 'abc': a row is a whole number from 0 to 59"),
+        "a negative row": ("/api/items/-1/similar?target=image", 404, "no row '-1'"),
+        "a row of 5,000 digits": ("/api/items/" + "9" * 5000 + "/similar?target=text", 404, "a row is a whole number"),
+        "no target": ("/api/items/0/similar", 400, "target must be image or text (got null)"),
+        "another target": ("/api/items/0/similar?target=audio", 400, 'target must be image or text (got "audio")'),
+        "k = 0": ("/api/items/0/similar?target=text&k=0", 400, "k must be at least 1 (got 0)"),
+        "k over the maximum": ("/api/items/0/similar?target=text&k=101", 400, "k must be at most 100 (got 101)"),
+        "k not a number": ("/api/items/0/similar?target=text&k=many", 400, 'k must be a whole number (got "many")'),
+    }
+    for case, (url, status, message) in bad.items():
+        answer = client.get(url)
+        assert answer.status_code == status, (case, answer.text)
+        assert message in answer.json()["error"] and len(answer.json()["error"].splitlines()) == 1, (case, answer.json())
+    assert client.get("/api/items/" + "9" * 5000 + "/image").status_code == 404
+    assert client.get("/api/items/0/similar?target=text&k=2").status_code == 200
+
+
+@pytest.mark.slow
+def test_an_item_query_on_an_index_of_one_modality(served, invoke, searcher, tmp_path):
+    Path(tmp_path / "captions.txt").write_text("a red heart\na blue ring\n")
+    ok(invoke("index", "--captions", tmp_path / "captions.txt", "--params", "params.yaml", "--out-dir", tmp_path / "caption_index"))
+    client = TestClient(create_app(Searcher.load(tmp_path / "caption_index")))
+    for target, message in (("image", "holds only text codes but a text query searches image codes"),
+                            ("text", "holds no image codes to query with")):
+        refused = client.get("/api/items/0/similar", params={"target": target})
+        assert refused.status_code == 400 and message in refused.json()["error"], refused.json()
 
 
 # ---------------------------------------------------------------- item images
@@ -267,7 +327,7 @@ def test_each_bad_query_is_a_4xx_json_error_and_the_server_goes_on(searcher):
 @pytest.mark.slow
 def test_an_unexpected_failure_is_a_500_in_json(searcher, monkeypatch):
     broken = Searcher(searcher.index, searcher.index_dir, searcher.hash_model, searcher.encoder)
-    monkeypatch.setattr(broken, "search_text", lambda text, top: 1 / 0)
+    monkeypatch.setattr(broken, "answer", lambda queries: 1 / 0)
     client = TestClient(create_app(broken), raise_server_exceptions=False)
     failed = client.get("/api/search", params={"text": "a ring"})
     assert failed.status_code == 500 and failed.json() == {"error": "internal error (ZeroDivisionError); see the server log"}
@@ -299,20 +359,28 @@ def test_the_cli_refuses_the_same_queries_in_one_line(served, invoke, one_line_e
 # ---------------------------------------------------------------- concurrency
 
 
-@pytest.fixture
-def uvicorn_url(searcher):
-    """The app under a real uvicorn on 127.0.0.1 (an ephemeral port), in a thread of this process,
-    on the socket `cmhash serve` makes."""
+@contextlib.contextmanager
+def uvicorn_serving(app) -> Iterator[str]:
+    """`app` under a real uvicorn in a thread of this process, on the socket `cmhash serve` makes."""
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def uvicorn_url(searcher) -> Iterator[str]:
+    """The app (default batching) under a real uvicorn on 127.0.0.1 (an ephemeral port)."""
+    with uvicorn_serving(create_app(searcher)) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -336,6 +404,91 @@ def test_concurrent_clients_each_get_their_own_answer(searcher, uvicorn_url):
             assert answer == expected[query], query
 
 
+def mixed_queries() -> list[tuple]:
+    """Captions and images of the query split, and item queries of both targets, with several k."""
+    items = query_items()
+    return ([("text", item.caption, 7) for item in items] + [("text", item.caption, 3) for item in items[:5]]
+            + [("image", item.image, 7) for item in items] + [("image", item.image, 12) for item in items[:5]]
+            + [(f"similar-{target}", str(row), k) for row in range(0, 60, 6) for target, k in (("text", 7), ("image", 5))])
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_unbatched_ones_under_concurrent_clients(searcher):
+    """16 clients at once on a micro-batching server (batches up to 32, a 20 ms wait): every answer
+    equals the unbatched server's, and the searcher's alone, query for query."""
+    queries = mixed_queries()
+    sizes: list[int] = []
+    counting = Searcher(searcher.index, searcher.index_dir, searcher.hash_model, searcher.encoder)
+    counting.answer = lambda batch: (sizes.append(len(batch)), searcher.answer(batch))[1]
+    with uvicorn_serving(create_app(searcher, batching=Batching(1))) as url, httpx.Client(base_url=url, timeout=60) as one:
+        expected = {q: ask(one, *q) for q in queries}
+    for (_, query, k), answer in list(expected.items())[:4]:
+        assert answer == counting.search_text(query, k)
+    with uvicorn_serving(create_app(counting, batching=Batching(32, 20.0))) as url:
+        def client_run(offset: int) -> list[tuple]:
+            with httpx.Client(base_url=url, timeout=60) as http:
+                return [(q, ask(http, *q)) for q in queries[offset:] + queries[:offset]]
+
+        with ThreadPoolExecutor(16) as pool:
+            runs = list(pool.map(client_run, range(0, 16 * 5, 5)))
+    assert sum(len(run) for run in runs) == 16 * len(queries)
+    for run in runs:
+        for query, answer in run:
+            assert answer == expected[query], query
+    assert sum(sizes) == 4 + 16 * len(queries) and max(sizes) <= 32
+
+
+def test_a_full_batch_goes_at_once_and_a_lone_query_is_answered():
+    """Size 4 and a wait of 10 minutes: four queries are answered as one batch without waiting
+    for the wait; a cancelled query is dropped from its batch; close() answers what is queued."""
+    calls: list[list] = []
+
+    class Echo:
+        def answer(self, queries):
+            calls.append(list(queries))
+            return [{"echo": q} for q in queries]
+
+    batcher = MicroBatcher(Echo(), size=4, wait_s=600)
+
+    async def four() -> list:
+        return await asyncio.gather(*(batcher.ask(q) for q in "abcd"))
+
+    assert asyncio.run(four()) == [{"echo": q} for q in "abcd"] and calls == [list("abcd")]
+
+    async def one_cancelled_then_one() -> dict:
+        lost = asyncio.create_task(batcher.ask("lost"))
+        await asyncio.sleep(0)
+        lost.cancel()
+        kept = asyncio.create_task(batcher.ask("kept"))
+        await asyncio.sleep(0.05)
+        batcher.close()  # the queued "kept" is answered before the worker stops
+        return await kept
+
+    assert asyncio.run(one_cancelled_then_one()) == {"echo": "kept"}
+    assert calls[1] == ["kept"] and not batcher._thread.is_alive()
+
+
+def test_a_fault_in_a_batch_reaches_each_of_its_clients():
+    class Broken:
+        def answer(self, queries):
+            raise RuntimeError("the encoder broke")
+
+    batcher = MicroBatcher(Broken(), size=2, wait_s=600)
+
+    async def two() -> list:
+        return await asyncio.gather(batcher.ask("a"), batcher.ask("b"), return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(two())] == ["the encoder broke"] * 2
+    batcher.close()
+
+
+def test_batching_limits_are_checked():
+    with pytest.raises(ConfigError, match="--batch must be at least 1"):
+        Batching(0)
+    with pytest.raises(ConfigError, match="--batch-wait-ms must be from 0 to 1000"):
+        Batching(8, -1)
+
+
 @pytest.mark.slow
 def test_small_responses_are_not_held_back(uvicorn_url):
     """With Nagle's algorithm on, each response on a kept-alive connection waited for the client's
@@ -349,12 +502,14 @@ def test_small_responses_are_not_held_back(uvicorn_url):
     assert sorted(took)[10] < 0.030
 
 
-def ask(http: httpx.Client, modality: str, query: str) -> dict:
+def ask(http: httpx.Client, modality: str, query: str, k: int = 7) -> dict:
     if modality == "text":
-        answer = http.get("/api/search", params={"text": query, "k": 7})
-    else:
+        answer = http.get("/api/search", params={"text": query, "k": k})
+    elif modality == "image":
         with open(query, "rb") as f:
-            answer = http.post("/api/search", files={"image": (Path(query).name, f)}, data={"k": "7"})
+            answer = http.post("/api/search", files={"image": (Path(query).name, f)}, data={"k": str(k)})
+    else:
+        answer = http.get(f"/api/items/{query}/similar", params={"target": modality.removeprefix("similar-"), "k": k})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -363,7 +518,7 @@ def ask(http: httpx.Client, modality: str, query: str) -> dict:
 def test_the_event_loop_answers_while_queries_encode(searcher, monkeypatch):
     """Searches run in worker threads: with three slow ones in flight, /healthz still answers at once."""
     slow = Searcher(searcher.index, searcher.index_dir, searcher.hash_model, searcher.encoder)
-    monkeypatch.setattr(slow, "search_text", lambda text, top: (time.sleep(1.5), searcher.search_text(text, top))[1])
+    monkeypatch.setattr(slow, "answer", lambda queries: (time.sleep(1.5), searcher.answer(queries))[1])
     app = create_app(slow)
 
     async def run() -> tuple[float, list]:
@@ -394,6 +549,14 @@ def test_the_serve_command(live_server):
         assert len(http.get("/api/search", params={"text": "a blue ring", "k": 4}).json()["results"]) == 4
 
 
+@pytest.mark.slow
+def test_ctrl_c_exits_130_when_sigint_was_inherited_ignored(served):
+    """A background job started from a script inherits SIGINT ignored; uvicorn still stops on it, and
+    the command must still exit 130, not 0 (running_serve checks the code)."""
+    with running_serve(served, sigint=signal.SIG_IGN) as url:
+        assert httpx.get(f"{url}healthz", timeout=30).json() == {"status": "ok"}
+
+
 def test_serve_errors_are_one_line(invoke, one_line_error, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert "no index in nowhere" in one_line_error(invoke("serve", "--index-dir", "nowhere", "--port", 0))
@@ -403,3 +566,19 @@ def test_serve_errors_are_one_line(invoke, one_line_error, tmp_path, monkeypatch
     assert "--port 70000" in one_line_error(invoke("serve", "--port", 70000))
     assert "--max-k must be at least 1" in one_line_error(invoke("serve", "--max-k", 0, "--port", 0))
     assert "--max-upload-mb must be above 0" in one_line_error(invoke("serve", "--max-upload-mb", 0))
+    assert "--batch must be at least 1" in one_line_error(invoke("serve", "--batch", 0, "--port", 0))
+    assert "--batch-wait-ms must be from 0 to 1000" in one_line_error(invoke("serve", "--batch-wait-ms", 5000, "--port", 0))
+
+
+@pytest.mark.slow
+def test_a_short_soak_has_no_5xx_and_bounded_memory(served, tmp_path):
+    """benchmarks/soak_serve.py for 20 s: 16 clients, good and bad queries and uploads cut off
+    midway; no 5xx, every answer the expected status, RSS growth under 10%, no traceback."""
+    script = Path(__file__).parents[1] / "benchmarks" / "soak_serve.py"
+    done = subprocess.run([sys.executable, str(script), "--index-dir", str(served), "--seconds", "20", "--json",
+                           "--log", str(tmp_path / "server.log")], capture_output=True, text=True, timeout=600)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert done.returncode == 0 and report["failed"] == [], (report, done.stderr)
+    assert report["5xx"] == report["5xx_in_log"] == 0 and report["unexpected"] == {} and report["rss_growth"] < 0.10
+    assert set(report["per_kind"]) == {"text", "image", "item", "oversized", "broken", "long caption", "bad k", "disconnect"}
+    assert report["alive_at_end"] and report["exit_code"] == 130

@@ -152,8 +152,16 @@ class ClipEncoder:
     def captions(self, captions: list[str], advance=no_progress) -> np.ndarray:
         return encode_captions(self.clip, captions, self.device, self.batch_size, advance)
 
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One decoded RGB image (a query) preprocessed as extract preprocesses files: [3, H, W]."""
+        return self.clip.preprocess(image)
+
     @torch.inference_mode()
-    def image(self, image: Image.Image) -> np.ndarray:
-        """Features [1, D] of one decoded RGB image (a query), preprocessed as extract preprocesses files."""
-        pixels = self.clip.preprocess(image)[None].to(self.device)
-        return self.clip.model.encode_image(pixels).float().cpu().numpy()
+    def query_images(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        """Features [n, D] of preprocessed query images (`pixels`), encoded as one batch."""
+        return self.clip.model.encode_image(torch.stack(pixels).to(self.device)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def query_captions(self, captions: list[str]) -> np.ndarray:
+        """Features [n, D] of query captions, encoded as one batch (not in chunks of `batch_size`)."""
+        return Encoder(self.clip, self.device).captions(captions)

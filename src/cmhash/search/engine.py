@@ -1,12 +1,11 @@
 """Index a collection into packed binary codes, and search an index (the Searcher: loaded once,
-one query a call): both encode exactly as the pipeline did (CLIP from the same seed and weights,
+a batch of queries a call): both encode exactly as the pipeline did (CLIP from the same seed and weights,
 then the hash model under the strict protocol), so query and database codes are comparable."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,11 +101,28 @@ def _no_encoder(index_dir: Path) -> QueryError:
                       "a caption or an image cannot be encoded; query an indexed item instead (cmhash search --image-of ID or --text-of ID)")
 
 
+@dataclass(frozen=True, eq=False)
+class Query:
+    """One checked query, ready to answer: made by Searcher.text_query, image_query, item_query or
+    row_query. It holds exactly one of `text` (a caption), `pixels` (a preprocessed image) or `row`
+    (an indexed row whose own `modality` code is the query)."""
+
+    modality: str  # the query's modality; it searches the other one
+    echo: dict[str, str]  # the answer's `query`
+    top: int
+    notes: tuple[str, ...] = ()
+    text: str | None = None
+    pixels: torch.Tensor | None = None
+    row: int | None = None
+
+
 @dataclass
 class Searcher:
-    """An index with its hash model and CLIP encoder, loaded once; `search_text`, `search_image` and
-    `search_item` answer one query each. `cmhash search` asks one question, `cmhash serve` many, from
-    worker threads: encoding holds a lock (one query through the models at a time, with all of
+    """An index with its hash model and CLIP encoder, loaded once. `answer` answers a batch of
+    queries: the captions are encoded as one batch, the images as another, and the codes are searched
+    one batch per (searched modality, k). `search_text`, `search_image` and `search_item` answer
+    one query each (a batch of one), as `cmhash search` asks. `cmhash serve` calls `answer` from
+    worker threads: encoding holds a lock (one batch through the models at a time, with all of
     torch's threads), the code search after it does not. `encoder` is None where there is no CLIP
     model to encode with (precomputed features of an unknown one) or none is needed (`item` queries)."""
 
@@ -136,27 +152,96 @@ class Searcher:
 
     def search_text(self, text: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest images to a caption: a JSON-ready dict."""
-        encoder = self._encoder()
-        notes = [f"the caption was cut to CLIP's context of {encoder.clip.tokenizer.context_length} tokens"
-                 ] if caption_is_cut(encoder.clip, text) else []
-        return self._search("text", {"text": text}, top, lambda: self._encoded(encoder.captions([text]), "text"), notes)
+        return self.answer([self.text_query(text, top)])[0]
 
     def search_image(self, image: Image.Image, name: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest captions to a decoded image (`name`: its path or file name)."""
-        encoder = self._encoder()
-        return self._search("image", {"image": name}, top, lambda: self._encoded(encoder.image(image), "image"), [])
+        return self.answer([self.image_query(image, name, top)])[0]
 
     def search_item(self, item_id: str, modality: str, top: int) -> dict[str, Any]:
         """The `top` (>= 1) nearest codes of the other modality to the `modality` code of the indexed
         item `item_id` (its first row with that id): the code is read back from the index and nothing is
         encoded; the item's own code of the other modality is ranked like any other."""
-        if modality not in self.index.codes:
-            raise QueryError(f"{self.index_dir} holds no {modality} codes to query with; it holds {' and '.join(self.index.codes)} codes")
+        return self.answer([self.item_query(item_id, modality, top)])[0]
+
+    # Each *_query checks what the index can answer, so a batch of them fails only on a fault.
+    def text_query(self, text: str, top: int) -> Query:
+        encoder = self._encoder()
+        _searched(self.index, "text", self.index_dir)
+        notes = (f"the caption was cut to CLIP's context of {encoder.clip.tokenizer.context_length} tokens",
+                 ) if caption_is_cut(encoder.clip, text) else ()
+        return Query("text", {"text": text}, top, notes, text=text)
+
+    def image_query(self, image: Image.Image, name: str, top: int) -> Query:
+        encoder = self._encoder()
+        _searched(self.index, "image", self.index_dir)
+        return Query("image", {"image": name}, top, pixels=encoder.pixels(image))
+
+    def item_query(self, item_id: str, modality: str, top: int) -> Query:
+        """The `modality` code of the first row with id `item_id` (what --image-of / --text-of ID ask)."""
+        self._held(modality)
         row = self._rows.get(item_id)
         if row is None:
             example = f" (ids as in its items.jsonl, e.g. {self.index.items[0]['id']!r})" if self.index.items else ""
             raise QueryError(f"no item {item_id!r} in {self.index_dir}{example}", 404)
-        return self._search(modality, {f"{modality}_of": item_id}, top, lambda: self.index.codes[modality].reconstruct(row)[None], [])
+        return Query(modality, {f"{modality}_of": item_id}, top, row=row)
+
+    def row_query(self, row: int, modality: str, top: int) -> Query:
+        """The `modality` code of database row `row`: the same query as item_query of its id, which
+        names the id's first row (a note says so where `row` shares its id with an earlier row)."""
+        self._held(modality)
+        if not 0 <= row < len(self.index.items):
+            raise QueryError(f"no row {row} in {self.index_dir}: rows are 0 to {len(self.index.items) - 1}", 404)
+        item_id = str(self.index.items[row]["id"])
+        first = self._rows[item_id]
+        notes = (f"row {row} shares its id with row {first}, which --{modality}-of {item_id} would query",) if first != row else ()
+        return Query(modality, {f"{modality}_of": item_id}, top, notes, row=row)
+
+    def answer(self, queries: list[Query]) -> list[dict[str, Any]]:
+        """The answer to each query, in order: exactly what each would get alone (an item's code never
+        depends on its batch-mates, and each k is searched apart)."""
+        packed = self._codes(queries)
+        answers: list[dict[str, Any]] = [{}] * len(queries)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, query in enumerate(queries):
+            groups.setdefault((OTHER[query.modality], query.top), []).append(i)
+        for (target, top), members in groups.items():
+            dist, rows = self.index.topk(target, packed[members], top)
+            for i, d, r in zip(members, dist, rows):
+                answers[i] = self._found(queries[i], target, d, r)
+        return answers
+
+    def _codes(self, queries: list[Query]) -> np.ndarray:
+        """The packed query codes [n, bits / 8]: captions and images encoded (one batch each, under
+        the lock), items' codes read back from the index."""
+        packed = np.zeros((len(queries), self.index.bits // 8), dtype=np.uint8)
+        texts = [i for i, q in enumerate(queries) if q.text is not None]
+        images = [i for i, q in enumerate(queries) if q.pixels is not None]
+        if texts or images:
+            encoder = self._encoder()
+            with self.lock, torch.inference_mode():
+                if texts:
+                    packed[texts] = self._encoded(encoder.query_captions([queries[i].text for i in texts]), "text")
+                if images:
+                    packed[images] = self._encoded(encoder.query_images([queries[i].pixels for i in images]), "image")
+        for i, query in enumerate(queries):
+            if query.row is not None:
+                packed[i] = self.index.codes[query.modality].reconstruct(query.row)
+        return packed
+
+    def _found(self, query: Query, target: str, dist: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+        items = self.index.items
+        found = rows >= 0  # an approximate index can find fewer than `top`
+        results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]}
+                   for rank, (d, r) in enumerate(zip(dist[found], rows[found]), 1)]
+        return {"query": query.echo, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
+                "clip": self.clip, "notes": list(query.notes), "results": results}
+
+    def _held(self, modality: str) -> None:
+        """An item query with `modality` codes: the index must hold them, and the other modality's."""
+        if modality not in self.index.codes:
+            raise QueryError(f"{self.index_dir} holds no {modality} codes to query with; it holds {' and '.join(self.index.codes)} codes")
+        _searched(self.index, modality, self.index_dir)
 
     @cached_property
     def _rows(self) -> dict[str, int]:
@@ -172,19 +257,6 @@ class Searcher:
 
     def _encoded(self, features: np.ndarray, modality: str) -> np.ndarray:
         return pack_codes(self.hash_model.codes(features, modality))
-
-    def _search(self, modality: str, query: dict[str, str], top: int, code: Callable[[], np.ndarray], notes: list[str]) -> dict[str, Any]:
-        """`code`: the query's packed code [1, bits / 8], made under the lock."""
-        target = _searched(self.index, modality, self.index_dir)
-        with self.lock, torch.inference_mode():
-            packed = code()
-        dist, rows = self.index.topk(target, packed, top)
-        items = self.index.items
-        found = rows[0] >= 0  # an approximate index can find fewer than `top`
-        results = [{"rank": rank, "distance": int(d), "row": int(r), **items[r]}
-                   for rank, (d, r) in enumerate(zip(dist[0][found], rows[0][found]), 1)]
-        return {"query": query, "searched": target, "bits": self.index.bits, "index": str(self.index_dir),
-                "clip": self.clip, "notes": notes, "results": results}
 
     @property
     def clip(self) -> dict[str, Any]:

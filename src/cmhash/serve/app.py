@@ -6,10 +6,13 @@
     GET  /api/search?text=…&k=10    the images nearest to a caption
     POST /api/search                JSON {"text": …, "k": …}, or a multipart form with an `image` file (and `k`)
     GET  /api/items/{row}/image     an indexed image (cmhash.serve.files decides which)
+    GET  /api/items/{row}/similar?target=text|image&k=10
+                                    the captions (images) nearest to row's own image (caption) code
 
-A search answers exactly what `cmhash search --json` prints. A bad query is a 4xx JSON
-{"error": "…"} and the server goes on. Encoding runs in a worker thread (the event loop keeps
-answering), one query at a time through the models (the Searcher's lock).
+A search answers exactly what `cmhash search --json` prints (--image-of / --text-of for the item
+queries). A bad query is a 4xx JSON {"error": "…"}, refused before it queues, and the server goes
+on. Checked queries go to the Searcher one at a time or micro-batched (cmhash.serve.batching), in
+worker threads: the event loop keeps answering.
 """
 
 from __future__ import annotations
@@ -17,23 +20,26 @@ from __future__ import annotations
 import json
 import mimetypes
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from cmhash.errors import CmhashError
-from cmhash.search.engine import Searcher
+from cmhash.search.engine import OTHER, Searcher
 from cmhash.search.queries import QueryError, check_text, check_top, read_image
-from cmhash.serve.files import IndexedImages
-from cmhash.serve.limits import Limits
+from cmhash.serve.batching import answerer as make_answerer
+from cmhash.serve.files import IndexedImages, row_number
+from cmhash.serve.limits import Batching, Limits
 
 STATIC = Path(__file__).parent / "static"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and a `k` field around the file
@@ -46,11 +52,18 @@ PAGE_HEADERS = {
 }
 
 
-def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
-    limits = limits or Limits()
+def create_app(searcher: Searcher, limits: Limits | None = None, batching: Batching | None = None) -> FastAPI:
+    limits, batching = limits or Limits(), batching or Batching()
     images = IndexedImages(searcher.index.items, searcher.index.meta["source"])
+    answerer = make_answerer(searcher, batching)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        answerer.close()
+
     # No /docs or /redoc: their pages load scripts from a CDN. The schema stays, at /api/openapi.json.
-    app = FastAPI(title="cmhash", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(title="cmhash", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(CmhashError)
@@ -60,6 +73,12 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail).lower()}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client closed the connection mid-body (an upload cut off): no one reads this answer, and it
+        # is no fault of the server's, so no traceback in the log (the `Exception` handler's would be).
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:  # the traceback goes to the server's log
@@ -75,7 +94,7 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
-        return {**searcher.info(), "limits": asdict(limits)}
+        return {**searcher.info(), "limits": asdict(limits), "batching": asdict(batching)}
 
     def top(raw: Any) -> int:
         if raw is None or raw == "":
@@ -89,10 +108,7 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
         if not isinstance(text, str):
             raise QueryError('give a caption: GET /api/search?text=…, POST {"text": "…"}, or POST a multipart form with an image file')
         check_text(text, "text", limits.max_text_chars)
-        return await run_in_threadpool(searcher.search_text, text, top(k))
-
-    def search_upload(data: bytes, name: str, k: int) -> dict[str, Any]:
-        return searcher.search_image(read_image(data, name, limits.max_pixels), name, k)
+        return await answerer.ask(searcher.text_query(text, top(k)))
 
     @app.get("/api/search")
     async def search_get(text: str | None = None, k: str | None = None) -> dict[str, Any]:
@@ -123,7 +139,9 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
             await form.close()
             if len(data) > limits.max_upload_bytes:
                 raise too_large()
-            return await run_in_threadpool(search_upload, data, name, top(form.get("k", request.query_params.get("k"))))
+            k = top(form.get("k", request.query_params.get("k")))
+            picture = await run_in_threadpool(read_image, data, name, limits.max_pixels)  # decoded in parallel with other requests
+            return await answerer.ask(await run_in_threadpool(searcher.image_query, picture, name, k))
         raise QueryError(f'POST JSON {{"text": "…"}} or a multipart form with an `image` file, not {kind or "no content type"}', 415)
 
     def too_large() -> QueryError:
@@ -140,6 +158,17 @@ def create_app(searcher: Searcher, limits: Limits | None = None) -> FastAPI:
             if len(body) > limit:
                 raise too_large()
         return bytes(body)
+
+    @app.get("/api/items/{row}/similar")
+    async def similar(row: str, target: str | None = None, k: str | None = None) -> dict[str, Any]:
+        """target=text: the captions nearest to the row's image code (cmhash search --image-of its id);
+        target=image: the images nearest to its caption code (--text-of)."""
+        if target not in OTHER:
+            raise QueryError(f"target must be image or text (got {json.dumps(target)}): the modality of the results")
+        number = row_number(row)
+        if number is None:
+            raise QueryError(f"no row {row!r}: a row is a whole number from 0 to {len(searcher.index.items) - 1}", 404)
+        return await answerer.ask(searcher.row_query(number, OTHER[target], top(k)))
 
     @app.get("/api/items/{row}/image")
     async def item_image(row: str) -> FileResponse:

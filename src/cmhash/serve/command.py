@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -9,9 +10,10 @@ from typing import Annotated
 import typer
 
 from cmhash.errors import ConfigError
-from cmhash.serve.limits import MB, Limits
+from cmhash.serve.limits import MB, Batching, Limits
 
 DEFAULTS = Limits()
+BATCHING = Batching()
 # FastAPI, uvicorn and the models are imported inside the command: `--help` and a mistake in the
 # options answer without loading them.
 
@@ -44,17 +46,21 @@ def serve(
                                                         "default Pillow's limit (about 89 million).")] = None,
     max_text_chars: Annotated[int, typer.Option(help="longest caption, in characters.")] = DEFAULTS.max_text_chars,
     max_k: Annotated[int, typer.Option(help="most results one query may ask for.")] = DEFAULTS.max_k,
-    threads: Annotated[int, typer.Option(help="torch and FAISS threads for a query (queries are encoded one at a time); "
+    threads: Annotated[int, typer.Option(help="torch and FAISS threads for a query or a batch of them; "
                                               "more can help a large CLIP on idle cores.")] = 1,
+    batch: Annotated[int, typer.Option(help="most queries encoded and searched as one batch; 1: no batching.")] = BATCHING.size,
+    batch_wait_ms: Annotated[float, typer.Option(help="longest a query waits for others to batch with, in ms.")] = BATCHING.wait_ms,
 ) -> None:
     """Serve search over HTTP, with a page at / to search from: the index, its hash model and CLIP load
     once, then each query takes milliseconds. API: GET /api/search?text=…&k=10, POST /api/search (an
-    image file or JSON {"text": …}), GET /api/info, GET /api/items/{row}/image, GET /healthz."""
+    image file or JSON {"text": …}), GET /api/items/{row}/similar?target=text|image&k=10, GET /api/info,
+    GET /api/items/{row}/image, GET /healthz. Concurrent queries are encoded and searched in batches (--batch)."""
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be above 0 (got {max_upload_mb})")
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1 (got {threads})")
     limits = Limits(max_upload_bytes=int(max_upload_mb * MB), max_pixels=max_pixels, max_text_chars=max_text_chars, max_k=max_k)
+    batching = Batching(batch, batch_wait_ms)
     sock = listen(host, port)
     try:
         import faiss
@@ -70,11 +76,15 @@ def serve(
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
         searcher = Searcher.load(index_dir, model, device)
-        server = uvicorn.Server(uvicorn.Config(create_app(searcher, limits), log_level="info", timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn.Config(create_app(searcher, limits, batching), log_level="info", timeout_graceful_shutdown=5))
         shown = f"[{host}]" if ":" in host else host
         info = searcher.info()
         typer.echo(f"serving {index_dir} ({info['count']:,} items, {info['bits']}-bit codes, {info['backend']}) "
                    f"on http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops)")
+        # uvicorn restores the SIGINT handler it found and re-raises SIGINT after its graceful shutdown;
+        # inherited as ignored (a background job started from a script) that raise does nothing and the
+        # command exits 0. With Python's own handler it raises KeyboardInterrupt: exit code 130, as for Ctrl+C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -1,5 +1,5 @@
-"""What one query to the server may be. Each is a `cmhash serve` option; the defaults suit a
-machine serving a few users."""
+"""What one query to the server may be, and how queries are batched. Each is a `cmhash serve`
+option; the defaults suit a machine serving a few users."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ class Limits:
     def max_json_bytes(self) -> int:
         """A JSON query holds a caption and k: room for the longest caption, escaped."""
         return 64 * 1024 + 8 * self.max_text_chars
+
+
+@dataclass(frozen=True)
+class Batching:
+    """`--batch SIZE --batch-wait-ms MS`: at most SIZE queries encoded and searched as one batch, a
+    query waiting at most MS for others (cmhash.serve.batching); SIZE 1 turns batching off."""
+
+    size: int = 32
+    wait_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"--batch must be at least 1 (1: no batching; got {self.size})")
+        if not 0 <= self.wait_ms <= 1000:
+            raise ConfigError(f"--batch-wait-ms must be from 0 to 1000 (got {self.wait_ms})")

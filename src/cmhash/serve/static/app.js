@@ -76,17 +76,24 @@ function disable(part, why) {
   part.append(el("p", "info", why));
 }
 
+// What the query was: a caption or an image given, or an indexed item's own image or caption code.
+const QUERY_NAMES = { text: "the caption", image: "the image", image_of: "the image of item", text_of: "the caption of item" };
+
 function render(found) {
   $("grid").replaceChildren();
   $("captions").replaceChildren();
   const [[modality, query]] = Object.entries(found.query);
   const what = found.searched === "image" ? "images" : "captions";
-  $("summary").textContent = `${found.results.length} nearest ${what} to the ${modality === "text" ? "caption" : "image"} "${query}" ` +
+  $("summary").textContent = `${found.results.length} nearest ${what} to ${QUERY_NAMES[modality]} "${query}" ` +
     `· k = ${$("k").value} · ${found.bits}-bit codes · Hamming distance, ties by database row`;
+  // "More like this": results of the same kind, nearest to this row's other code (an image
+  // result's caption code finds images; a caption result's image code finds captions).
+  const similar = info && info.modalities.includes("image") && info.modalities.includes("text");
   for (const r of found.results) {
     const meta = el("div", "meta");
     meta.append(el("span", "rank", `#${r.rank}`), el("span", "distance", `distance ${r.distance}`), el("span", "id", r.id));
     const labels = el("div", "labels", (r.labels || []).length ? `labels: ${r.labels.join(", ")}` : "no labels");
+    if (similar) meta.append(moreLikeThis(r.row, found.searched));
     if (found.searched === "image") {
       const card = el("figure", "card result");
       const img = el("img");
@@ -104,6 +111,25 @@ function render(found) {
       $("captions").append(item);
     }
   }
+}
+
+function moreLikeThis(row, target) {
+  const link = el("a", "similar", "more like this");
+  link.href = `api/items/${encodeURIComponent(row)}/similar?${new URLSearchParams({ target, k: $("k").value })}`;
+  link.addEventListener("click", async (event) => {
+    event.preventDefault();
+    clearError();
+    $("query-image").hidden = true;
+    busy(true);
+    try {
+      render(await call(link.href));
+    } catch (err) {
+      showError(err.message);
+    } finally {
+      busy(false);
+    }
+  });
+  return link;
 }
 
 async function searchText(event) {
