@@ -125,6 +125,18 @@ def test_missing_inputs_are_said_on_the_page(project, invoke):
     assert "LSH" not in page
 
 
+def test_a_broken_curve_file_is_said_on_the_page_and_the_rest_drawn(project, invoke):
+    metrics = write_metrics(project)
+    (metrics / "hash/plots/metrics/32/val/map.tsv").write_text("step\tmap\n0\tnot-a-number\n")
+    result = invoke("report", "--params", "params.yaml")
+    assert result.exit_code == 0, result.output
+    page = (project / "stages/report/index.html").read_text()
+    assert "metrics/hash/plots/metrics/32 unreadable" in page
+    assert page.count('<div class="chart"') == 2 + 2 + 2  # the hash chart holds 16 bits' curves
+    hash_spec = charts.training_chart(read_results(metrics), "hash")
+    assert {r["bits"] for r in hash_spec["data"]["values"]} == {16}
+
+
 def test_with_no_metrics_at_all_the_page_says_what_to_run(project, invoke):
     result = invoke("report", "--params", "params.yaml")
     assert result.exit_code == 0, result.output

@@ -65,8 +65,13 @@ def read_training(metrics_dir: Path, task: str, results: RunResults) -> None:
     runs = [(None, folder / "plots/metrics", summary)] if task == "fusion" else \
         [(int(b), folder / "plots/metrics" / b, summary[b]) for b in sorted((k for k in summary if k.isdigit()), key=int)]
     for bits, plots, run in runs:
-        results.training.setdefault(task, []).extend(training_rows(plots, bits))
-        results.selected.setdefault(task, []).append({"bits": bits, "epoch": run.get("best_epoch"), "val_map": run.get("best_val_map")})
+        try:
+            results.training.setdefault(task, []).extend(training_rows(plots, bits))
+        except (OSError, ValueError, KeyError) as exc:  # a curve file cut short or not dvclive's
+            results.missing.append(f"{plots} unreadable ({exc!r}): its {task} training curves are left out")
+            continue
+        if isinstance(run, dict) and run.get("best_epoch") and run.get("best_val_map") is not None:
+            results.selected.setdefault(task, []).append({"bits": bits, "epoch": run["best_epoch"], "val_map": run["best_val_map"]})
 
 
 def read_results(metrics_dir: Path) -> RunResults:
