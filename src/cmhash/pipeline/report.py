@@ -81,11 +81,10 @@ def run(settings: ReportSettings, metrics_dir: Path, out_dir: Path, plots_dir: P
     absent = [str(b) for b in settings.bits if results.map is not None and str(b) not in results.map]
     if absent:
         missing.append(f"map.json has no {', '.join(absent)}-bit results though params.yaml's bits lists them: re-run `cmhash evaluate`")
-    note = charts.subtitle(results)
     sections = [
-        ("MAP against code length", [*specs["map"].values()] or ["no MAP to draw: metrics/map.json is missing"]),
-        ("Precision–recall and precision@N", [*specs["curve"].values()] or ["no curves to draw: metrics/curves/ is missing"]),
-        ("Training", [charts.training_chart(results, t) if results.training.get(t) else f"no {t} training curves: metrics/{t}/ is missing"
+        ("MAP against code length", [*specs["map"].values()] or [f"no MAP to draw: {metrics_dir / 'map.json'} is missing"]),
+        ("Precision–recall and precision@N", [*specs["curve"].values()] or [f"no curves to draw: {metrics_dir / 'curves'} holds none"]),
+        ("Training", [charts.training_chart(results, t) if results.training.get(t) else f"no {t} training curves: {metrics_dir / t} is missing"
                       for t in ("fusion", "hash")]),
         ("Run", [run_facts(settings, results)]),
     ]
@@ -94,7 +93,9 @@ def run(settings: ReportSettings, metrics_dir: Path, out_dir: Path, plots_dir: P
     images = {name: specs[group].get(key) for name, (group, key) in IMAGES.items()}
     with all_or_nothing():
         with atomic_dir(out_dir) as tmp:
-            atomic_write_text(tmp / "index.html", render.page("cmhash report", note[0] if note else None, sections))
+            random_init = (results.evaluate or {}).get("features", {}).get("random_init")
+            banner = charts.subtitle(results)[0] if random_init else None  # the demo's warning, atop the page
+            atomic_write_text(tmp / "index.html", render.page("cmhash report", banner, sections))
             atomic_write_text(tmp / "dvc-plots.html", render.dvc_template())
         with atomic_dir(plots_dir) as tmp:
             for name, spec in images.items():

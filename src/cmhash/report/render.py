@@ -4,6 +4,7 @@ No request leaves the page: the data are in the specs, the scripts and styles in
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from typing import Any
@@ -15,6 +16,7 @@ def to_svg(spec: dict[str, Any]) -> str:
     return vl_convert.vegalite_to_svg(spec)
 
 
+@functools.cache  # seconds to bundle; the page and DVC's template share it
 def script_bundle() -> str:
     """Vega, Vega-Lite and Vega-Embed as one script that sets window.vegaEmbed (bundled by
     vl-convert from the versions it ships, not copied into the project)."""
