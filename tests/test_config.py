@@ -264,7 +264,7 @@ def test_cross_field_checks_are_one_line(changes, fragments):
 
 # ------------------------------------------------------------------ through the CLI
 
-PARAMS_COMMANDS = {"prepare": [], "extract": [], "train-fusion": [], "train-hash": [], "baselines": [], "evaluate": [],
+PARAMS_COMMANDS = {"prepare": [], "extract": [], "train-fusion": [], "train-hash": [], "baselines": [], "evaluate": [], "report": [],
                    "index": ["--split", "train"]}
 
 

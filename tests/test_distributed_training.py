@@ -42,7 +42,7 @@ from cmhash.runtime.distributed import current_world
 from cmhash.runtime.seeding import reseed_rank
 from cmhash.training.runner import VIEWS, Runner
 from conftest import tiny_params
-from test_training import D, Killed, kill_before_saving_epoch, synthetic
+from test_training import D, Killed, epoch_lines, kill_before_saving_epoch, synthetic
 
 WORLD = 2
 BITS = [8, 16]
@@ -343,9 +343,13 @@ def files(folder: Path) -> set[str]:
 def test_torchrun_runs_train_fusion_and_train_hash_like_one_process(root, one_process, tmp_path):
     work = project(tmp_path / "work", params())
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD))
+    printed = {}
     for stage in ("train-fusion", "train-hash"):
         done = run_cmhash(work, stage, "--features-dir", str(root / "features"), launcher=torchrun)
         assert done.returncode == 0, done.stderr
+        printed[stage] = [(line["bits"], line["epoch"]) for line in epoch_lines(done.stderr)]
+    # one line per validation (the last epoch here) from rank 0 alone, not one per rank
+    assert printed == {"train-fusion": [(None, "5")], "train-hash": [(str(b), "1") for b in BITS]}
     assert files(work / "stages") == {"fusion/model.pt", *(f"hash/{b}/model.pt" for b in BITS)}
     for stage in ("fusion", "hash"):
         assert files(work / f"metrics/{stage}") == files(one_process / f"metrics/{stage}")

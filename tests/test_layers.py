@@ -16,7 +16,7 @@ LEVELS = {
     "io": 1, "digests": 1,
     "config": 2,
     "runtime": 3, "data": 3, "evaluation": 3,
-    "features": 4, "models": 4, "losses": 4,
+    "features": 4, "models": 4, "losses": 4, "report": 4,
     "training": 5, "baselines": 5, "search": 5,
     "pipeline": 6, "serve": 6,
     "cli": 7, "__main__": 8,

@@ -108,7 +108,8 @@ def test_whole_pipeline_end_to_end(params, params_file, invoke):
     # every curve plot in dvc.yaml reads files evaluate wrote, with the fields the plot names
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     dvc_stages = dvc_yaml["stages"]
-    curve_plots = {target: spec for entry in dvc_yaml["plots"] for target, spec in entry.items() if target.startswith("metrics/curves")}
+    curve_plots = {target: spec for entry in dvc_yaml["plots"] if isinstance(entry, dict) for target, spec in entry.items()
+                   if target.startswith("metrics/curves")}
     assert set(curve_plots) == {"metrics/curves/pr", "metrics/curves/precision_at_n"}
     for target, spec in curve_plots.items():
         template = json.loads((REPO / ".dvc" / "plots" / f"{spec['template']}.json").read_text())

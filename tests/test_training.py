@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -519,3 +520,52 @@ def test_val_loss_uses_batches_sized_as_in_training(params):
     with torch.no_grad():
         expected = np.mean([runner.step(val.image[s : s + 8], val.text[s : s + 8])[0].item() for s in (0, 8)])
     assert state.logs["val/loss"] == pytest.approx(expected, rel=1e-6)
+
+
+# ---- the per-epoch console line ------------------------------------------------------------------
+
+LINE = re.compile(r"^(?:(?P<bits>\d+) bits: )?epoch (?P<epoch>\d+)/(?P<epochs>\d+)  train loss (?P<train_loss>\S+)  val loss (?P<val_loss>\S+)"
+                  r"  val MAP@50 (?P<map>\S+)(?P<lrs>(?:  lr/\w+ \S+)+)(?P<best>  best)?$")
+
+
+def epoch_lines(text: str) -> list[dict]:
+    return [m.groupdict() for m in map(LINE.match, text.splitlines()) if m]
+
+
+def test_the_epoch_line_holds_the_numbers_logged_for_that_epoch(params, tmp_path, features_dir, capsys):
+    params["train"].update(eval_every=2)
+    params["train"]["fusion"]["epochs"] = 5
+    train(params, tmp_path, features_dir)
+    lines = epoch_lines(capsys.readouterr().err)
+    assert [int(line["epoch"]) for line in lines] == [2, 4, 5]  # each validation, not the other epochs
+    curves = {name: logged(tmp_path, name) for name in ("train/loss", "val/loss", "val/map", "lr/fusion")}
+    best_so_far = -math.inf
+    for line in lines:
+        step = int(line["epoch"]) - 1
+        assert float(line["train_loss"]) == pytest.approx(curves["train/loss"][step], abs=5e-5)
+        assert float(line["val_loss"]) == pytest.approx(curves["val/loss"][step], abs=5e-5)
+        assert float(line["map"]) == pytest.approx(curves["val/map"][step], abs=5e-5)
+        assert line["lrs"] == f"  lr/fusion {curves['lr/fusion'][step]:.3g}"
+        assert (line["best"] is not None) == (curves["val/map"][step] > best_so_far)  # a new kept checkpoint
+        best_so_far = max(best_so_far, curves["val/map"][step])
+    # the last line against the run's summary, metrics/<task>/metrics.json
+    summary = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    last = lines[-1]
+    assert float(last["train_loss"]) == pytest.approx(summary["train"]["loss"], abs=5e-5)
+    assert float(last["val_loss"]) == pytest.approx(summary["val"]["loss"], abs=5e-5)
+    assert float(last["map"]) == pytest.approx(summary["val"]["map"], abs=5e-5)
+    assert float(last["lrs"].split()[-1]) == pytest.approx(summary["lr"]["fusion"], rel=5e-3)
+
+
+def test_train_log_epochs_false_prints_no_epoch_line(params, tmp_path, features_dir, capsys):
+    params["train"]["log_epochs"] = False
+    train(params, tmp_path, features_dir)
+    assert epoch_lines(capsys.readouterr().err) == []
+    assert (tmp_path / "metrics" / "metrics.json").is_file()  # the curves are logged all the same
+
+
+def test_the_hash_task_line_names_its_code_length_and_both_lrs(params, tmp_path, features_dir, fusion_ckpt, capsys):
+    train(params, tmp_path, features_dir, bits=16, init_from=fusion_ckpt)
+    lines = epoch_lines(capsys.readouterr().err)
+    assert [(line["bits"], line["epoch"], line["epochs"]) for line in lines] == [("16", "1", "2"), ("16", "2", "2")]
+    assert [name for name in lines[0]["lrs"].split() if name.startswith("lr/")] == ["lr/fusion", "lr/hash"]

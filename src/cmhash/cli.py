@@ -21,7 +21,7 @@ from cmhash.config.choices.losses import LOSSES
 from cmhash.config.choices.optimizers import OPTIMIZERS
 from cmhash.config.choices.schedules import SCHEDULES
 from cmhash.errors import CmhashError, ConfigError
-from cmhash.pipeline import baselines, evaluate, extract, prepare, train_fusion, train_hash
+from cmhash.pipeline import baselines, evaluate, extract, prepare, report, train_fusion, train_hash
 from cmhash.runtime.distributed import current_world
 from cmhash.runtime.launch import DISTRIBUTED, one_process, self_launching
 from cmhash.search import commands as search
@@ -62,6 +62,7 @@ STAGES = {
     "train-fusion": train_fusion.command,
     "train-hash": train_hash.command,
     "evaluate": evaluate.command,
+    "report": report.command,
 }
 TOOLS = {"index": search.index, "search": search.search, "serve": serve}  # use trained codes; not dvc.yaml stages
 for name, command in {**STAGES, **TOOLS}.items():

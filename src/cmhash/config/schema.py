@@ -117,6 +117,7 @@ class TrainConfig(Section):
     patience: NonNegativeInt = 0  # early stopping after N validations without gain; 0 = off
     min_delta: NonNegative = 0.0
     resume: Flag = True  # continue an unfinished run from its checkpoints
+    log_epochs: Flag = True  # one console line per validation (epoch, losses, val MAP@K, lr); false: the progress bar only
     optimizer: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
     augment: AugmentConfig = AugmentConfig()

@@ -112,3 +112,29 @@ class TaskSettings:
         if self.hash_head is not None:
             keys["hash_head"] = self.hash_head
         return keys
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The run's key settings, shown on the report page (the numbers come from metrics/)."""
+
+    seed: int
+    data_name: str
+    loss: str
+    arch: str
+    bits: list[int]
+    hash_init: str
+    batch_size: int
+    select_topk: int
+    fusion: FusionTrain
+    hash: HashTrain
+
+    @classmethod
+    def of(cls, p: Params) -> ReportSettings:
+        return cls(seed=p.seed, data_name=p.data.name, loss=p.loss, arch=p.model.arch, bits=list(p.bits), hash_init=p.hash_head.init,
+                   batch_size=p.train.batch_size, select_topk=p.train.select_topk, fusion=p.train.fusion, hash=p.train.hash)
+
+    def reads(self) -> dict[str, Any]:
+        return {"seed": self.seed, "data.name": self.data_name, "loss": self.loss, "model.arch": self.arch, "bits": self.bits,
+                "hash_head.init": self.hash_init, "train.batch_size": self.batch_size, "train.select_topk": self.select_topk,
+                "train.fusion": self.fusion, "train.hash": self.hash}

@@ -1,14 +1,16 @@
-"""Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log
-(then cmhash.training.resume.RunFolder saves the run). A hook with state that a resumed run
+"""Hooks run after every epoch, in list order: validate, then checkpoint, stop early, log, print
+the epoch's line (then cmhash.training.resume.RunFolder saves the run). A hook with state that a resumed run
 needs back has state_dict()/load_state_dict(). Under several processes rank 0 alone runs these
 hooks (OnMainRank) and the other ranks follow its decisions."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from cmhash.evaluation.ranking import cosine_map, mean_average_precision
 from cmhash.features.store import FeatureSplit
@@ -153,3 +155,32 @@ class LiveLogger:
     def load_state_dict(self, saved: dict[str, list[dict]]) -> None:
         for row in saved["history"]:
             self.log(row)
+
+
+# The numbers of the per-epoch console line, in order: (label, key in the epoch's logs, format).
+# Adding one is one entry; every learning rate (lr/<group>) follows them.
+EPOCH_LINE = [("train loss", "train/loss", ".4f"), ("val loss", "val/loss", ".4f"), ("val MAP@{k}", SELECT, ".4f")]
+
+
+def _stderr_line(line: str) -> None:
+    # a fresh Console writes to the sys.stderr of the moment: the live progress bar's, which
+    # prints the line above the bar and redraws the bar under it
+    Console(stderr=True, soft_wrap=True).print(line, markup=False, highlight=False)
+
+
+class EpochLine:
+    """At each validation, one line on the console: epoch, train loss, val loss, val MAP@K and the
+    learning rates, the same numbers the dvclive curves get; `best` marks a new kept checkpoint.
+    train.log_epochs: false leaves it out. Rank 0 alone runs it (OnMainRank)."""
+
+    def __init__(self, epochs: int, topk: int, prefix: str = "", write: Callable[[str], None] = _stderr_line) -> None:
+        self.epochs, self.topk, self.prefix, self.write = epochs, topk, prefix, write
+
+    def __call__(self, state: TrainState) -> None:
+        logs = state.logs
+        if SELECT not in logs:  # not a validation epoch
+            return
+        parts = [f"{self.prefix}epoch {state.epoch}/{self.epochs}"]
+        parts += [f"{label.format(k=self.topk)} {logs[key]:{fmt}}" for label, key, fmt in EPOCH_LINE if key in logs]
+        parts += [f"{key} {value:.3g}" for key, value in logs.items() if key.startswith("lr/")]
+        self.write("  ".join(parts) + ("  best" if state.best_epoch == state.epoch else ""))

@@ -29,7 +29,7 @@ from cmhash.runtime.distributed import World, check_batch_split, current_world
 from cmhash.runtime.seeding import reseed_rank, seed_everything
 from cmhash.training.augment import FeatureAugment
 from cmhash.training.engine import fit, full_batch_starts
-from cmhash.training.hooks import Checkpointer, EarlyStopping, LiveLogger, OnMainRank, Validator
+from cmhash.training.hooks import Checkpointer, EarlyStopping, EpochLine, LiveLogger, OnMainRank, Validator
 from cmhash.training.resume import RunFolder, tensor_digest
 from cmhash.training.state import build_state, model_config
 
@@ -53,10 +53,11 @@ def open_live(folder: Path) -> Iterator[Live | None]:
 def resume_fingerprint(settings: TaskSettings, task: str, model: ModelConfig, data: list[torch.Tensor], init: list[torch.Tensor],
                 world: World) -> dict[str, Any]:
     """What a run's result depends on; a run resumes only into the same fingerprint. train.resume
-    and the `distributed` section are left out (they do not change the result; the number of
+    train.log_epochs and the `distributed` section are left out (they do not change the result; the number of
     processes, which decides every rank's random streams, is in as world_size)."""
     reads = {key: value.model_dump() if hasattr(value, "model_dump") else value for key, value in settings.reads(task).items()}
     reads.pop("train.resume")
+    reads.pop("train.log_epochs")
     reads.pop("distributed")
     return {"settings": reads, "world_size": world.size, "bits": model.bits, "feature_dim": model.feature_dim,
             "features": tensor_digest(data), "init": tensor_digest(init) if init else None, "code": code_digest("cmhash.training.task")}
@@ -120,6 +121,8 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
             EarlyStopping(t.patience, t.min_delta),
             LiveLogger(live, prefix=f"{bits}/" if bits else ""),
         ]
+        if t.log_epochs:
+            hooks.append(EpochLine(stage.epochs, t.select_topk, prefix=f"{bits} bits: " if bits else ""))
     log.info("%s: %d train / %d val pairs, loss %s, %d epochs on %s", task, len(train), len(val), settings.loss, stage.epochs, device)
     generator = torch.Generator().manual_seed(settings.seed)  # the batch order: the same on every rank
     run.start(state, generator, hooks, resume=t.resume)
