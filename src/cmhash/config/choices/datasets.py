@@ -109,12 +109,15 @@ class SplitNames(Section):
 
 @DATASETS.register("features", "cmhash.data.datasets.precomputed:build_precomputed", precomputed=True)
 class Precomputed(Section):
-    """Precomputed CLIP features (.pkl, .npz or .mat files), no images: splits as the files give them."""
+    """Precomputed CLIP features (.pkl, .npz or .mat files, or clip-retrieval's embeddings), no images."""
 
-    format: Literal["auto", "pickle", "npz", "mat"] = "auto"  # auto: from the files' extensions
+    # auto: from the files' extensions; clip_retrieval: `clip inference` output (img_emb/, text_emb/, metadata/), no labels
+    format: Literal["auto", "pickle", "npz", "mat", "clip_retrieval"] = "auto"
     file: str | None = None  # one file holding every split, relative to data.root; None: <split>.<ext> files, else the only one
     names: SplitNames = SplitNames()  # array names per split in a one-file layout (per-split files may use image/text/label)
     val: Count = 500  # when the files have no val split: pairs carved (seeded, disjoint) out of train
+    query: Count = 1000  # format clip_retrieval (one collection, no splits): query pairs carved out (seeded), the rest retrieval
+    train: Count = 5000  # format clip_retrieval: train pairs carved out of retrieval (and val beside them)
     label_names: LabelNames = None  # the label columns' names, in order; None: label0, label1, ...
     clip_model: str | None = None  # the open_clip model the features come from (e.g. ViT-B-32); None: unknown
     pretrained: str | None = None  # its open_clip tag or checkpoint file (e.g. openai); set with clip_model
