@@ -70,12 +70,13 @@ class Nuswide(Splits):
 
 @DATASETS.register("coco", "cmhash.data.datasets.coco:build_coco", marker="annotations/captions_train2014.json")
 class Coco(Splits):
-    """MS-COCO 2014: 80 object categories, one caption per image."""
+    """MS-COCO 2014: 80 object categories, ~5 captions per image (all kept, or one)."""
 
     query: Count = 5000
     train: Count = 10000
     val: Count = 1000
-    caption: Literal["first", "random"] = "first"  # which caption: lowest annotation id, or seeded random
+    # all: every caption, one pair each, grouped by image (sizes count images); first (lowest annotation id) | random: one
+    caption: Literal["all", "first", "random"] = "all"
 
 
 @DATASETS.register("manifest", "cmhash.data.datasets.manifest_file:build_manifest")
