@@ -198,7 +198,7 @@ def test_nuswide_missing_files_and_misaligned_lists(tmp_path):
 
 def test_coco_items_labels_captions_and_skips(tmp_path):
     make_coco(tmp_path)
-    c = build("coco", tmp_path)
+    c = build("coco", tmp_path, {"caption": "first"})
     assert c.label_names == ["person", "bicycle", "car", "dog"]  # category-id order: 1, 2, 3, 18
     assert [i.id for i in c.items] == ["9", "73", "74"]
     assert label_sets(c) == {"9": {"dog", "person"}, "73": {"person", "car"}, "74": {"dog"}}
@@ -208,13 +208,25 @@ def test_coco_items_labels_captions_and_skips(tmp_path):
     assert skipped(c) == {"25": "no label", "30": "empty caption", "42": "image file missing"}
 
 
+def test_coco_keeps_every_caption_grouped_by_image_by_default(tmp_path):
+    make_coco(tmp_path)
+    c = build("coco", tmp_path)
+    # one pair per caption in annotation-id order, each naming its image
+    assert [(i.id, i.group, i.caption) for i in c.items] == [
+        ("9/12", "9", "A person with a dog"), ("9/50", "9", "A man walking a dog."),
+        ("73/7", "73", "first"), ("73/8", "73", "second"), ("73/9", "73", "third"), ("74/10", "74", "a dog")]
+    assert by_id(c)["73/8"].image == by_id(c)["73/9"].image == str(tmp_path / "val2014" / coco_file_name("val2014", 73))
+    assert label_sets(c)["9/50"] == {"dog", "person"}
+    assert skipped(c) == {"25/3": "no label", "30": "empty caption", "42/5": "image file missing"}
+
+
 def test_coco_random_caption_is_seeded(tmp_path):
     make_coco(tmp_path)
     texts = {seed: by_id(build("coco", tmp_path, {"caption": "random"}, seed=seed))["73"].caption for seed in range(12)}
     assert set(texts.values()) <= {"first", "second", "third"}
     assert len(set(texts.values())) > 1  # 12 seeds all picking the same of 3: chance 3 / 3**12
     assert by_id(build("coco", tmp_path, {"caption": "random"}, seed=5))["73"].caption == texts[5]
-    assert "data.coco.caption = 'longest': input should be 'first' or 'random'" in option_error("coco", {"caption": "longest"})
+    assert "data.coco.caption = 'longest': input should be 'all', 'first' or 'random'" in option_error("coco", {"caption": "longest"})
 
 
 def test_coco_missing_and_corrupt_annotation_files(tmp_path):
@@ -235,7 +247,7 @@ def test_coco_missing_and_corrupt_annotation_files(tmp_path):
 def test_coco_ids_are_image_ids(tmp_path):
     make_coco(tmp_path)
     ids = [str(i) for i in sorted(COCO_IMAGES)]
-    c = build("coco", tmp_path)
+    c = build("coco", tmp_path, {"caption": "first"})  # one pair per image (the default `all` ids pairs <image>/<annotation>)
     assert sorted([i.id for i in c.items] + [s.id for s in c.skipped], key=int) == ids
 
 

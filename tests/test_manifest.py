@@ -36,3 +36,18 @@ def test_bad_manifest_line_names_file_and_line(tmp_path):
     (tmp_path / "s.jsonl").write_text('{"id": "a", "image": "x", "caption": "c", "labels": [0]}\n{"id": "b"}\n')
     with pytest.raises(DataError, match=r"s.jsonl:2"):
         read_split(tmp_path / "s.jsonl")
+
+
+def test_group_splits_keep_an_images_captions_together_and_equal_make_splits_without_groups():
+    from cmhash.data.manifest import Item, make_group_splits, make_splits
+
+    plain = [Item(str(i), f"{i}.jpg", "c", (0,)) for i in range(30)]
+    expected = make_splits(30, query=5, train=10, val=5, seed=3)
+    assert all((make_group_splits(plain, query=5, train=10, val=5, seed=3)[s] == expected[s]).all() for s in expected)
+    grouped = [Item(f"{i}/{k}", f"{i}.jpg", "c", (0,), group=str(i)) for i in range(30) for k in range(i % 3 + 1)]
+    splits = make_group_splits(grouped, query=5, train=10, val=5, seed=3)
+    images = {s: {grouped[r].group for r in rows} for s, rows in splits.items()}
+    assert {s: len(g) for s, g in images.items()} == {"query": 5, "retrieval": 25, "train": 10, "val": 5}  # sizes count images
+    assert not images["query"] & images["retrieval"]
+    for split, rows in splits.items():  # every caption of a chosen image comes along
+        assert {grouped[r].id for r in rows} == {it.id for it in grouped if it.group in images[split]}

@@ -1,6 +1,8 @@
 """Model selection for the baselines on the validation protocol: val pairs as queries against the
 train pairs as the database, strict cross-modal (image -> text and text -> image), MAP@K averaged
-over the two directions - how training selects its epoch. The query split is never an input here.
+over the two directions - how training selects its epoch. A collection without labels is selected
+on val Recall@K of the paired item (val images against val captions), as training selects it.
+The query split is never an input here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from cmhash.baselines.methods import METHODS
 from cmhash.evaluation.ranking import Cutoff, cosine_map, mean_average_precision
+from cmhash.evaluation.recall import group_ids, paired_recall
 
 
 def cross_modal_map(fitted: object, query_image: object, query_text: object, query_label: object,
@@ -38,20 +41,36 @@ def candidates(knobs: dict[str, Any]) -> list[dict[str, Any]]:
 class Selected:
     fitted: Any
     knobs: dict[str, Any]  # the chosen combination
-    table: list[dict[str, Any]]  # every combination with its val MAP: {"knobs", "i2t", "t2i", "map"}
+    table: list[dict[str, Any]]  # every combination with its val score: {"knobs", "i2t", "t2i", metric}
+    metric: str = "map"  # "map", or "recall" for a collection without labels
+
+
+def paired_val_recall(fitted: object, image: np.ndarray, text: np.ndarray, groups: Sequence | None, k: int) -> dict[str, dict]:
+    """{"i2t": {k: R@k}, "t2i": {k: R@k}} of a fitted method within one split."""
+    if fitted.binary:
+        image, text, kind = fitted.image_codes(image), fitted.text_codes(text), "hamming"
+    else:
+        image, text, kind = fitted.embed_image(image), fitted.embed_text(text), "cosine"
+    scores = paired_recall(image, text, group_ids(groups, len(image)), [k], kind)
+    return {direction: {k: s[f"recall@{k}"]} for direction, s in scores.items()}
 
 
 def select_on_val(method: str, knobs: dict[str, Any], train: Sequence[np.ndarray], val: Sequence[np.ndarray], bits: int,
-                  seed: int, topk: int = 50) -> Selected:
+                  seed: int, topk: int = 50, val_groups: Sequence | None = None) -> Selected:
     """Fit `method` on train for every candidate combination of `knobs` and keep the one with the
-    best val MAP@topk; ties go to the first in list order. train, val: (image, text, label)."""
+    best val MAP@topk (Recall@topk without labels); ties go to the first in list order.
+    train, val: (image, text, label); val_groups: the image of each val caption (None: one each)."""
     (train_image, train_text, train_label), (val_image, val_text, val_label) = train, val
+    metric = "map" if val_label.shape[1] else "recall"
     table, fits = [], []
     for combo in candidates(knobs):
         fitted = METHODS[method].fit(train_image, train_text, bits, seed, **combo)
-        scores = cross_modal_map(fitted, val_image, val_text, val_label, train_image, train_text, train_label, topk=[topk])
+        if metric == "map":
+            scores = cross_modal_map(fitted, val_image, val_text, val_label, train_image, train_text, train_label, topk=[topk])
+        else:
+            scores = paired_val_recall(fitted, val_image, val_text, val_groups, topk)
         i2t, t2i = scores["i2t"][topk], scores["t2i"][topk]
-        table.append({"knobs": combo, "i2t": i2t, "t2i": t2i, "map": (i2t + t2i) / 2})
+        table.append({"knobs": combo, "i2t": i2t, "t2i": t2i, metric: (i2t + t2i) / 2})
         fits.append(fitted)
-    best = int(np.argmax([row["map"] for row in table]))  # argmax returns the first maximum
-    return Selected(fits[best], table[best]["knobs"], table)
+    best = int(np.argmax([row[metric] for row in table]))  # argmax returns the first maximum
+    return Selected(fits[best], table[best]["knobs"], table, metric)

@@ -113,7 +113,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     clip_grad_norm: NonNegative = 0.0  # max global grad norm; 0 = off
     eval_every: Count = 1  # validate every N epochs (and at the last)
-    select_topk: Count = 50  # model selection: val MAP@K
+    select_topk: Count = 50  # model selection: val MAP@K (val Recall@K of the paired item on a collection without labels)
     patience: NonNegativeInt = 0  # early stopping after N validations without gain; 0 = off
     min_delta: NonNegative = 0.0
     resume: Flag = True  # continue an unfinished run from its checkpoints
@@ -149,6 +149,7 @@ PositiveList = Annotated[list[Count], Field(min_length=1)]
 class EvaluateConfig(Section):
     topk: PositiveList = [50]  # MAP@K for each K; MAP@all is always reported
     precision_at: PositiveList = [1, 5, 10, 20, 50, 100, 200, 500, 1000]  # the precision@N curve
+    recall_at: PositiveList = [1, 5, 10]  # Recall@K of the paired item (any caption of an image counts), labelled or not
 
 
 class BaselinesBase(Section):
@@ -156,7 +157,7 @@ class BaselinesBase(Section):
     every code length in `bits`, list-valued knobs chosen on val."""
 
     methods: Annotated[list[one_of(BASELINES)], Field(min_length=1)] = ["clip_cosine", "lsh", "pca_itq", "cca_itq"]
-    select_topk: Count = 50  # knobs chosen by val MAP@K (val pairs vs train pairs, strict), as training selects
+    select_topk: Count = 50  # knobs chosen by val MAP@K (val pairs vs train pairs, strict; Recall@K without labels), as training selects
 
     @field_validator("methods")
     @classmethod

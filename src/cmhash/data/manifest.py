@@ -4,10 +4,13 @@ Every dataset (the offline demo and each real importer) produces the same thing,
 `Collection`, and `prepare` writes it out in this form:
 
     stages/prepare/<split>.jsonl   {"id": "...", "image": "path", "caption": "...", "labels": [0, 5]}
+                                   (+ "group": "..." where an image has several captions, one line each)
     stages/prepare/labels.json     {"dataset": "...", "options": {...}, "seed": N, "labels": ["name0", ...]}
 
 `image` is a path as the importer found it (absolute, or relative to the directory the
-pipeline runs in); `labels` are indices into the label names.
+pipeline runs in); `labels` are indices into the label names. `group` names the image a caption
+belongs to when an image has several (COCO's five): the lines of one group share the image, land in
+one split, and count as one image for Recall@K. Without it every pair is its own image.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Item:
     image: str
     caption: str
     labels: tuple[int, ...]
+    group: str | None = None  # the image this caption belongs to, where an image has several captions
 
 
 @dataclass
@@ -57,7 +61,8 @@ def multi_hot(items: list[Item], num_labels: int) -> np.ndarray:
 
 
 def write_split(path: Path, items: list[Item]) -> None:
-    lines = (json.dumps({"id": i.id, "image": i.image, "caption": i.caption, "labels": list(i.labels)}) for i in items)
+    lines = (json.dumps({"id": i.id, "image": i.image, "caption": i.caption, "labels": list(i.labels),
+                         **({"group": i.group} if i.group is not None else {})}) for i in items)
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -71,7 +76,8 @@ def read_split(path: Path) -> list[Item]:
                 continue
             try:
                 row = json.loads(line)
-                items.append(Item(str(row["id"]), str(row["image"]), str(row["caption"]), tuple(int(x) for x in row["labels"])))
+                group = None if row.get("group") is None else str(row["group"])
+                items.append(Item(str(row["id"]), str(row["image"]), str(row["caption"]), tuple(int(x) for x in row["labels"]), group))
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"{path}:{lineno}: not a manifest line ({exc})") from None
     return items
@@ -101,3 +107,15 @@ def make_splits(n: int, *, query: int, train: int, val: int, seed: int) -> dict[
         "train": np.sort(retrieval_idx[:train]),
         "val": np.sort(retrieval_idx[train : train + val]),
     }
+
+
+def make_group_splits(items: list[Item], *, query: int, train: int, val: int, seed: int) -> dict[str, np.ndarray]:
+    """make_splits over images rather than pairs: the sizes count images, and every caption of an
+    image goes where its image goes (no image in both query and retrieval). Items without a group
+    are each their own image, which gives make_splits' splits exactly."""
+    groups: dict[str, int] = {}
+    of_item = np.array([groups.setdefault(item.id if item.group is None else item.group, len(groups)) for item in items])
+    if len(groups) == len(items):
+        return make_splits(len(items), query=query, train=train, val=val, seed=seed)
+    per_image = make_splits(len(groups), query=query, train=train, val=val, seed=seed)
+    return {split: np.flatnonzero(np.isin(of_item, rows)) for split, rows in per_image.items()}

@@ -1,7 +1,8 @@
 """Precomputed features (`data.name: features`) as `prepare` hands them to `extract`, checked and
 normalised, one file per split:
 
-    stages/prepare/features/<split>.npz   image, text float32 [N, D]; label uint8 [N, C]; ids str [N]
+    stages/prepare/features/<split>.npz   image, text float32 [N, D]; label uint8 [N, C] (C = 0: no labels);
+                                          ids str [N]; captions, images str [N] where the layout has them
     stages/prepare/labels.json            {"dataset": "features", "options": {...}, "seed": N,
                                            "precomputed": {"format", "sources": {file: sha256}, "val"},
                                            "labels": ["label0", ...]}
@@ -31,9 +32,12 @@ class SplitArrays:
     text: np.ndarray  # float32 [N, D]
     label: np.ndarray  # uint8 [N, C], multi-hot
     ids: list[str]  # "<source split>/<row in the source file>": stable, unique per pair
+    captions: list[str] | None = None  # kept for search where the layout has them (clip_retrieval)
+    images: list[str] | None = None  # image paths or urls, likewise
 
     def rows(self, rows: np.ndarray) -> SplitArrays:
-        return SplitArrays(self.image[rows], self.text[rows], self.label[rows], [self.ids[r] for r in rows])
+        pick = lambda values: None if values is None else [values[r] for r in rows]  # noqa: E731
+        return SplitArrays(self.image[rows], self.text[rows], self.label[rows], pick(self.ids), pick(self.captions), pick(self.images))
 
 
 @dataclass
@@ -42,7 +46,7 @@ class FeatureSet:
 
     splits: dict[str, SplitArrays]
     label_names: list[str]
-    format: str  # pickle | npz | mat
+    format: str  # pickle | npz | mat | clip_retrieval
     sources: dict[str, str]  # source file (relative to data.root) -> SHA-256 of its bytes
     val: str  # "given" (the files have a val split) or "carved from train"
 
@@ -52,7 +56,9 @@ def save(out_dir: Path, features: FeatureSet, **about: Any) -> None:
     Call inside all_or_nothing."""
     for split, arrays in features.splits.items():
         with atomic_path(out_dir / FOLDER / f"{split}.npz") as tmp, tmp.open("wb") as f:
-            np.savez(f, image=arrays.image, text=arrays.text, label=arrays.label, ids=np.array(arrays.ids, dtype=str))
+            texts = {name: np.array(values, dtype=str) for name, values in (("captions", arrays.captions), ("images", arrays.images))
+                     if values is not None}
+            np.savez(f, image=arrays.image, text=arrays.text, label=arrays.label, ids=np.array(arrays.ids, dtype=str), **texts)
     precomputed = {"format": features.format, "sources": features.sources, "val": features.val}
     write_label_names(out_dir / "labels.json", "features", features.label_names, **about, precomputed=precomputed)
 
@@ -69,7 +75,8 @@ def load(prepare_dir: Path, split: str) -> SplitArrays:
     if not path.is_file():
         raise DataError(f"precomputed features not found: {path} (run `cmhash prepare` first)")
     with np.load(path, allow_pickle=False) as z:
-        return SplitArrays(z["image"], z["text"], z["label"], [str(i) for i in z["ids"]])
+        texts = {name: [str(v) for v in z[name]] for name in ("captions", "images") if name in z.files}
+        return SplitArrays(z["image"], z["text"], z["label"], [str(i) for i in z["ids"]], **texts)
 
 
 def digests(prepare_dir: Path) -> list[str]:

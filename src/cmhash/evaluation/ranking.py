@@ -242,6 +242,17 @@ def mean_average_precision(query_codes: object, db_codes: object, query_labels: 
     return _mean_ap(((task.distances(c), task.relevance(c)) for c in chunks), depth_of, task.n_query)
 
 
+def hamming_keys(query_codes: object, db_codes: object, chunk_size: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(queries, [chunk, N] Hamming distances) blocks: the ranking key MAP sorts on (ties by
+    index via ranked_relevance), for metrics whose relevance is not a label intersection."""
+    query, db = check_codes(query_codes, "query_codes"), check_codes(db_codes, "db_codes")
+    if query.shape[1] != db.shape[1]:
+        raise DataError(f"query codes have {query.shape[1]} bits but database codes have {db.shape[1]}")
+    q_words, d_words, dtype = pack_bits(query), pack_bits(db), _distance_dtype(query.shape[1])
+    for c in query_chunks(len(query), len(db), chunk_size):
+        yield c, packed_hamming(q_words[c], d_words, dtype)
+
+
 def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     x = x.astype(np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -267,14 +278,27 @@ def cosine_map(query_emb: object, db_emb: object, query_labels: object, db_label
     """Real-valued (task 0) MAP: rank by cosine similarity, highest first, ties by index."""
     query, db = _matrix(query_emb, "query_emb"), _matrix(db_emb, "db_emb")
     q_labels, d_labels = check_pair(query, db, query_labels, db_labels)
-    query, db = _unit_rows(query, "query_emb"), _unit_rows(db, "db_emb")
-    distinct_db, slot = _distinct_rows(db)
     q_words, d_words = pack_bits(q_labels), pack_bits(d_labels)
     depth_of = cutoffs(topk, len(db))
-    # Negated similarity ranks ascending (sorts compare floats by value: -0.0 ties with 0.0).
-    blocks = ((-(query[c] @ distinct_db.T)[:, slot], packed_relevance(q_words[c], d_words))
-              for c in query_chunks(len(query), len(db), chunk_size))
+    blocks = ((key, packed_relevance(q_words[c], d_words)) for c, key in _cosine_blocks(query, db, chunk_size))
     return _mean_ap(blocks, depth_of, len(query))
+
+
+def _cosine_blocks(query: np.ndarray, db: np.ndarray, chunk_size: int | None) -> Iterator[tuple[slice, np.ndarray]]:
+    query, db = _unit_rows(query, "query_emb"), _unit_rows(db, "db_emb")
+    distinct_db, slot = _distinct_rows(db)
+    # Negated similarity ranks ascending (sorts compare floats by value: -0.0 ties with 0.0).
+    for c in query_chunks(len(query), len(db), chunk_size):
+        yield c, -(query[c] @ distinct_db.T)[:, slot]
+
+
+def cosine_keys(query_emb: object, db_emb: object, chunk_size: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(queries, [chunk, N] negated cosine) blocks: the key cosine_map ranks on, ascending."""
+    query, db = _matrix(query_emb, "query_emb"), _matrix(db_emb, "db_emb")
+    if query.shape[1] != db.shape[1]:
+        raise DataError(f"query has {query.shape[1]} dims per item but the database has {db.shape[1]}; "
+                        "encode both with the same model")
+    return _cosine_blocks(query, db, chunk_size)
 
 
 # ------------------------------------------------- tie-aware (expected over tie orders)

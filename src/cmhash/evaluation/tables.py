@@ -77,3 +77,30 @@ def baseline_table(tables: dict[str, Any], bits: list[int], note: str | None) ->
     table.add_row("", "chance", *cells(tables["chance"]["strict"]))
     table.caption = " ".join(filter(None, ["Every method ranks the same features; ties by database index.", note]))
     return table
+
+
+def recall_table(recalls: dict[str, Any], bits: list[int], note: str | None) -> Table:
+    """Recall@K of the paired item: cmhash per code length and protocol, the real-valued rows,
+    then every baseline (strict), so an unlabelled collection's log shows its whole result."""
+    metrics = list(recalls[str(bits[0])]["strict"]["i2t"])
+    table = Table(title="Recall@K of the paired item (query split)")
+    table.add_column("codes", no_wrap=True)
+    table.add_column("protocol")
+    for direction in DIRECTIONS:
+        for metric in metrics:
+            table.add_column(f"{direction} {metric.replace('recall', 'R')}", justify="right")
+
+    def add(codes: str, per_protocol: dict[str, dict[str, dict[str, float]]]) -> None:
+        for protocol, scores in per_protocol.items():
+            table.add_row(codes, protocol, *(f"{scores[d][m]:.3f}" for d in DIRECTIONS for m in metrics))
+
+    for b in bits:
+        add(f"cmhash {b}", recalls[str(b)])
+    table.add_section()
+    add("real-valued", recalls["real_valued"])
+    for method, lengths in recalls.get("baselines", {}).items():
+        table.add_section()
+        for length, per_protocol in lengths.items():
+            add(method if length == "float" else f"{method} {length}", per_protocol)
+    table.caption = " ".join(filter(None, ["An image hits if any of its captions is in the top K; ties by database index.", note]))
+    return table

@@ -52,8 +52,9 @@ def write_precomputed(seed: int, labels: dict[str, Any], prepare_dir: Path, out_
             "source_format": source["format"], "source_files": source["sources"], "val_split": source["val"]}
     with all_or_nothing():  # a failure part-way keeps the previous feature files, not a mix
         for split, arrays in splits.items():
+            texts = {name: values for name, values in (("captions", arrays.captions), ("images", arrays.images)) if values is not None}
             save_pickle(out_dir / f"{split}.pkl", {"image": arrays.image, "text": arrays.text, "label": arrays.label,
-                                                   "ids": arrays.ids, "split": split, **data, **meta})
+                                                   "ids": arrays.ids, "split": split, **texts, **data, **meta})
         atomic_write_text(out_dir / "skipped.jsonl", "")  # no images: none undecodable
         write_json(metrics_path, {
             "clip_model": meta["clip_model"], "pretrained": meta["pretrained"], "random_init": meta["random_init"],

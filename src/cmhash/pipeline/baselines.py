@@ -9,7 +9,8 @@ writes  stages/baselines/<method>/<bits>.npz  for each hashing method and code l
             text_projection: code = sign((x - mean) @ projection))
         stages/baselines/clip_cosine/float.npz  the L2-normalised float features (no code length)
         metrics/baselines_val.json  per method and code length, every candidate knob combination
-            with its val MAP@K (val pairs vs train pairs, strict) and the one kept
+            with its val MAP@K (val pairs vs train pairs, strict) and the one kept; without labels
+            "recall" (val Recall@K of the paired item, val against itself) instead of "map"
 Each method is fitted on train; a list-valued knob is chosen on val (`cmhash.baselines.selection`).
 `evaluate` scores the codes with the ranking it scores cmhash's with.
 """
@@ -67,7 +68,8 @@ def run(settings: BaselinesSettings, features_dir: Path, out_dir: Path, metrics_
             lengths = [None] if method == "clip_cosine" else settings.bits  # float features have no code length
             for bits in lengths:
                 start = time.perf_counter()
-                chosen = select_on_val(method, knobs, arrays["train"], arrays["val"], bits, settings.seed, b.select_topk)
+                chosen = select_on_val(method, knobs, arrays["train"], arrays["val"], bits, settings.seed, b.select_topk,
+                                       val_groups=splits["val"].meta.get("groups"))
                 fitted, name = chosen.fitted, "float" if bits is None else str(bits)
                 q, r = arrays["query"], arrays["retrieval"]
                 if fitted.binary:
@@ -79,9 +81,9 @@ def run(settings: BaselinesSettings, features_dir: Path, out_dir: Path, metrics_
                     save_npz(tmp / method / f"{name}.npz", **dict(zip(SIDES, (fitted.embed_image(q[0]), fitted.embed_text(q[1]),
                                                                                fitted.embed_image(r[0]), fitted.embed_text(r[1])))))
                 report.setdefault(method, {})[name] = {"chosen": chosen.knobs, "val": chosen.table}
-                best = max(row["map"] for row in chosen.table)
-                log.info("baselines: %s %s: val MAP@%d %.4f with %s (%.1f s)", method, name, b.select_topk, best, chosen.knobs,
-                         time.perf_counter() - start)
+                best = max(row[chosen.metric] for row in chosen.table)
+                log.info("baselines: %s %s: val %s@%d %.4f with %s (%.1f s)", method, name, chosen.metric.replace("map", "MAP"),
+                         b.select_topk, best, chosen.knobs, time.perf_counter() - start)
         write_json(metrics_path, report)
     return report
 

@@ -113,6 +113,8 @@ def run(settings: ExtractSettings, prepare_dir: Path, out_dir: Path, metrics_pat
                 "text": encoded.text[rows],
                 "label": multi_hot(kept, len(data["label_names"])),
                 "ids": [it.id for it in kept],
+                # the image of each caption, where images have several (Recall@K counts an image once)
+                **({"groups": [it.id if it.group is None else it.group for it in kept]} if any(it.group for it in kept) else {}),
                 "split": split,
                 **data,
                 **meta,

@@ -37,7 +37,7 @@ def run(settings: PrepareSettings, out_dir: Path) -> dict[str, int]:
         return prepare_precomputed(seed, data, out_dir)
     from cmhash.data.datasets import build_collection
     from cmhash.data.datasets.common import NO_LABEL
-    from cmhash.data.manifest import make_splits, write_label_names, write_split
+    from cmhash.data.manifest import make_group_splits, write_label_names, write_split
     from cmhash.io import all_or_nothing, atomic_write_text
 
     name, opts = data.name, data.options
@@ -50,10 +50,12 @@ def run(settings: PrepareSettings, out_dir: Path) -> dict[str, int]:
         raise DataError(f"dataset '{name}' has no usable pairs under {data.root}")
 
     sizes = {"query": opts.query, "train": opts.train, "val": opts.val}
-    if sum(sizes.values()) > len(collection.items):
+    images = len({item.id if item.group is None else item.group for item in collection.items})
+    if sum(sizes.values()) > images:
         given = " + ".join(f"data.{name}.{split} {size}" for split, size in sizes.items())
-        raise DataError(f"split sizes {given} exceed the {len(collection.items)} usable pairs; make them smaller")
-    splits = make_splits(len(collection.items), **sizes, seed=seed)
+        what = "usable pairs" if images == len(collection.items) else f"images (with {len(collection.items)} captions)"
+        raise DataError(f"split sizes {given} exceed the {images} {what}; make them smaller")
+    splits = make_group_splits(collection.items, **sizes, seed=seed)  # several captions of an image: split by image
     with all_or_nothing():  # a failure part-way keeps the previous manifests, not a mix
         for split, rows in splits.items():
             write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])

@@ -91,13 +91,16 @@ def _from_split(split: str, ctx: Sources) -> SourceItems:
 
 
 def _from_precomputed(feats: FeatureSplit, path: Path, ctx: Sources) -> SourceItems:
-    """A split of precomputed features (data.name: features): ids and labels only, no image or caption
-    to show or to re-encode as a check."""
+    """A split of precomputed features (data.name: features): ids and labels, and the captions and
+    image paths where the layout kept them (clip_retrieval); nothing to re-encode as a check."""
     if ctx.has_encoder:
         _check_same_encoder(feats, path, ctx)
     names = list(feats.meta["label_names"])
     labels = feats.label.numpy()
     rows = [{"id": i, "labels": [names[c] for c in np.flatnonzero(row)]} for i, row in zip(feats.meta["ids"], labels, strict=True)]
+    for key, field in (("captions", "caption"), ("images", "image")):  # kept where the layout has them (clip_retrieval)
+        for row, value in zip(rows, feats.meta.get(key) or [], strict=False):
+            row[field] = value
     return SourceItems(rows, {"image": feats.image.numpy(), "text": feats.text.numpy()})
 
 

@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from cmhash.evaluation.ranking import cosine_map, mean_average_precision
+from cmhash.evaluation.recall import group_ids, paired_recall
 from cmhash.features.store import FeatureSplit
 from cmhash.models import encode, save_checkpoint, to_codes
 from cmhash.runtime.distributed import World, broadcast
@@ -39,7 +40,9 @@ class Validator:
     """Every `every` epochs (and at the last): val loss and monitor stats (over batches sized as
     in training, so the short last one is left out), the val/train loss
     ratio (RATIO), and val MAP@k - val pairs as queries against the train pairs as database, strict
-    protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set."""
+    protocol, cosine for embeddings (task 0) or Hamming for codes (task 1). Never the query set.
+    A collection without labels is selected on val Recall@k of the paired item instead (val
+    images against val captions: the pair's partner must be in the database)."""
 
     def __init__(self, val: FeatureSplit, database: FeatureSplit, *, every: int, epochs: int, batch_size: int, topk: int) -> None:
         self.val, self.database = val, database
@@ -58,8 +61,20 @@ class Validator:
             meter.add(len(outputs[0]), {"loss": loss.item(), **pair_stats(*outputs)})
         state.logs.update(meter.means("val"))
         state.logs[RATIO] = val_train_ratio(state.logs["val/loss"], state.logs["train/loss"])
-        i2t, t2i = self.retrieval_map(runner.model, runner.hashing)
-        state.logs.update({"val/map_i2t": i2t, "val/map_t2i": t2i, SELECT: (i2t + t2i) / 2})
+        if self.val.label.shape[1]:
+            i2t, t2i = self.retrieval_map(runner.model, runner.hashing)
+            state.logs.update({"val/map_i2t": i2t, "val/map_t2i": t2i, SELECT: (i2t + t2i) / 2})
+        else:  # no labels: Recall@k of the paired item within val selects instead (the key stays SELECT)
+            i2t, t2i = self.retrieval_recall(runner.model, runner.hashing)
+            state.logs.update({"val/recall_i2t": i2t, "val/recall_t2i": t2i, SELECT: (i2t + t2i) / 2})
+
+    def retrieval_recall(self, model, hashing: bool) -> tuple[float, float]:
+        image, text = encode(model, self.val.image, self.val.text, "strict")
+        prepare = (lambda x: to_codes(x).cpu().numpy()) if hashing else (lambda x: x.float().cpu().numpy())
+        groups = group_ids(self.val.meta.get("groups"), len(self.val))
+        scores = paired_recall(prepare(image), prepare(text), groups, [self.topk], "hamming" if hashing else "cosine")
+        key = f"recall@{self.topk}"
+        return scores["i2t"][key], scores["t2i"][key]
 
     def retrieval_map(self, model, hashing: bool) -> tuple[float, float]:
         q_image, q_text = encode(model, self.val.image, self.val.text, "strict")

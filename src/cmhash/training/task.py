@@ -129,5 +129,5 @@ def train_task(settings: TaskSettings, *, features_dir: Path, out_path: Path, li
     fit(state, train, epochs=stage.epochs, batch_size=t.batch_size, clip_grad_norm=t.clip_grad_norm,
         hooks=[OnMainRank(hooks, world), run], generator=generator, augment=FeatureAugment(t.augment, generator, world))
     run.finish(out_path)
-    log.info("%s: best val MAP@%s %.4f at epoch %d", task, t.select_topk, state.best, state.best_epoch)
+    log.info("%s: best val %s@%s %.4f at epoch %d", task, "MAP" if val.label.shape[1] else "Recall", t.select_topk, state.best, state.best_epoch)
     return state.best

@@ -70,12 +70,13 @@ class Nuswide(Splits):
 
 @DATASETS.register("coco", "cmhash.data.datasets.coco:build_coco", marker="annotations/captions_train2014.json")
 class Coco(Splits):
-    """MS-COCO 2014: 80 object categories, one caption per image."""
+    """MS-COCO 2014: 80 object categories, ~5 captions per image (all kept, or one)."""
 
     query: Count = 5000
     train: Count = 10000
     val: Count = 1000
-    caption: Literal["first", "random"] = "first"  # which caption: lowest annotation id, or seeded random
+    # all: every caption, one pair each, grouped by image (sizes count images); first (lowest annotation id) | random: one
+    caption: Literal["all", "first", "random"] = "all"
 
 
 @DATASETS.register("manifest", "cmhash.data.datasets.manifest_file:build_manifest")
@@ -109,12 +110,15 @@ class SplitNames(Section):
 
 @DATASETS.register("features", "cmhash.data.datasets.precomputed:build_precomputed", precomputed=True)
 class Precomputed(Section):
-    """Precomputed CLIP features (.pkl, .npz or .mat files), no images: splits as the files give them."""
+    """Precomputed CLIP features (.pkl, .npz or .mat files, or clip-retrieval's embeddings), no images."""
 
-    format: Literal["auto", "pickle", "npz", "mat"] = "auto"  # auto: from the files' extensions
+    # auto: from the files' extensions; clip_retrieval: `clip inference` output (img_emb/, text_emb/, metadata/), no labels
+    format: Literal["auto", "pickle", "npz", "mat", "clip_retrieval"] = "auto"
     file: str | None = None  # one file holding every split, relative to data.root; None: <split>.<ext> files, else the only one
     names: SplitNames = SplitNames()  # array names per split in a one-file layout (per-split files may use image/text/label)
     val: Count = 500  # when the files have no val split: pairs carved (seeded, disjoint) out of train
+    query: Count = 1000  # format clip_retrieval (one collection, no splits): query pairs carved out (seeded), the rest retrieval
+    train: Count = 5000  # format clip_retrieval: train pairs carved out of retrieval (and val beside them)
     label_names: LabelNames = None  # the label columns' names, in order; None: label0, label1, ...
     clip_model: str | None = None  # the open_clip model the features come from (e.g. ViT-B-32); None: unknown
     pretrained: str | None = None  # its open_clip tag or checkpoint file (e.g. openai); set with clip_model

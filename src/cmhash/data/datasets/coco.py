@@ -6,8 +6,11 @@
     val2014/COCO_val2014_<12-digit id>.jpg
 
 Labels: the 80 categories in category-id order (names from the json); an image's labels are
-the categories of its instances. Caption: one of the image's captions, `first` (lowest
-annotation id) or `random` (seeded). Read with the standard json module (no pycocotools).
+the categories of its instances. Captions: `all` (the default) keeps every caption, one pair
+each (id `<image id>/<annotation id>`, grouped by the image: splits keep an image's captions
+together and Recall@K counts an image query a hit if any of them is in the top K); `first`
+(lowest annotation id) or `random` (seeded) keep one. Read with the standard json module (no
+pycocotools).
 """
 
 from __future__ import annotations
@@ -65,12 +68,12 @@ def build_coco(root: Path, opts: Coco, out_dir: Path, seed: int) -> Collection:
     rng = np.random.default_rng(seed)
     sink = ItemSink()
     for image_id in sorted(images):
-        sink.offer(
-            str(image_id),
-            images[image_id],
-            _pick_caption(sorted(captions[image_id]), caption_choice, rng),
-            [label_of[c] for c in categories[image_id] if c in label_of],
-        )
+        labels = [label_of[c] for c in categories[image_id] if c in label_of]
+        if caption_choice == "all" and captions[image_id]:  # one pair per caption, grouped by the image
+            for annotation_id, text in sorted(captions[image_id]):
+                sink.offer(f"{image_id}/{annotation_id}", images[image_id], text, labels, group=str(image_id))
+        else:
+            sink.offer(str(image_id), images[image_id], _pick_caption(sorted(captions[image_id]), caption_choice, rng), labels)
     return sink.collection("coco", [category_names[c] for c in category_ids])
 
 

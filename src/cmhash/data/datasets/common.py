@@ -74,7 +74,8 @@ class ItemSink:
         self._seen.add(item_id)
         self.skipped.append(Skipped(item_id, reason))
 
-    def offer(self, item_id: str, image: Path, caption: str, labels: Iterable[int]) -> None:
+    def offer(self, item_id: str, image: Path, caption: str, labels: Iterable[int], group: str | None = None) -> None:
+        """`group`: the image's id where it has several captions (one offer per caption)."""
         labels = tuple(sorted(set(labels)))
         caption = clean_caption(caption)
         if item_id in self._seen:
@@ -87,7 +88,7 @@ class ItemSink:
             reason = IMAGE_MISSING
         else:
             self._seen.add(item_id)
-            self.items.append(Item(item_id, str(image), caption, labels))
+            self.items.append(Item(item_id, str(image), caption, labels, group))
             return
         self.skip(item_id, reason)
 

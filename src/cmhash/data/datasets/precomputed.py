@@ -6,6 +6,7 @@ Layouts under `data.root` (docs/features.md):
                       arrays `image`, `text`, `label` (or the split's names from data.features.names)
     one file          every split in one .mat/.npz (or .pkl): data.features.file, or the only such
                       file in data.root; arrays named per split by data.features.names (I_tr, T_tr, L_tr ...)
+    clip_retrieval    img_emb/, text_emb/, metadata/ as clip-retrieval writes them (cmhash.data.datasets.clip_retrieval)
 
 Every split is checked (2-D arrays, one row per pair, finite features, 0/1 labels, one width) and
 becomes float32 features and uint8 labels; ids are `<split>/<row>` of the source file. Without a
@@ -20,6 +21,7 @@ import numpy as np
 
 from cmhash.config.choices.datasets import Precomputed
 from cmhash.data.array_files import FORMATS, ArrayFile, format_of, read_array_file
+from cmhash.data.datasets.clip_retrieval import build_clip_retrieval
 from cmhash.data.datasets.common import require_root
 from cmhash.data.manifest import SPLITS
 from cmhash.data.precomputed import FeatureSet, SplitArrays
@@ -35,6 +37,8 @@ def build_precomputed(root: Path, opts: Precomputed, out_dir: Path, seed: int) -
     if (opts.clip_model is None) != (opts.pretrained is None):
         raise ConfigError("data.features.clip_model and data.features.pretrained go together: give both "
                           "(the open_clip model and weights the features were made with) or leave both null")
+    if opts.format == "clip_retrieval":
+        return build_clip_retrieval(root, opts, seed)
     if opts.file is None or not Path(opts.file).is_absolute():
         require_root(root, "the feature files")
     fmt, paths, one_file = _locate(root, opts)
