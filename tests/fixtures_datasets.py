@@ -120,3 +120,69 @@ def make_coco(root: Path) -> None:
         for i in ids:
             if i != 42:
                 write_jpeg(root / part / coco_file_name(part, i))
+
+
+# img2dataset's output: NNNNN.tar shards of <key>.jpg/.txt/.json, with NNNNN.parquet and
+# NNNNN_stats.json beside each. Keys are shard number * 10000 + row, 9 digits, as img2dataset names them.
+WEBDATASET_TAGS = ["bird", "car", "dog", "sky"]
+WEBDATASET_BAD = {  # shard 1 holds one of each bad member; shard 2 is truncated inside its last image
+    "000010020": "corrupt image",
+    "000010021": "empty caption",
+    "000010022": "no caption member",
+    "000010023": "unknown member extension",  # the .xyz member is left out, the pair stays
+}
+
+
+def webdataset_key(shard: int, row: int) -> str:
+    return f"{shard * 10000 + row:09d}"
+
+
+def _coloured_jpeg(row: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), ((row * 53) % 256, (row * 97) % 256, (row * 31) % 256)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _webdataset_sample(shard: int, row: int) -> dict:
+    key = webdataset_key(shard, row)
+    tags = [WEBDATASET_TAGS[row % 4], WEBDATASET_TAGS[(row // 4) % 4]]
+    meta = {"key": key, "status": "success", "url": f"https://example.org/{key}.jpg", "caption": f"a {tags[0]} and a {tags[1]}",
+            "width": 8, "height": 8, "original_width": 64, "original_height": 64, "error_message": None, "tags": tags}
+    return {"__key__": key, "jpg": _coloured_jpeg(row), "txt": meta["caption"], "json": json.dumps(meta)}
+
+
+def write_webdataset_shard(root: Path, shard: int, samples: list[dict]) -> Path:
+    """One shard and the two files img2dataset writes beside it, with webdataset's TarWriter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{shard:05d}.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    keys = [s["__key__"] for s in samples]
+    pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys)}), root / f"{shard:05d}.parquet")
+    stats = {"count": len(keys), "successes": len(keys), "failed_to_download": 0, "failed_to_resize": 0}
+    write(root / f"{shard:05d}_stats.json", json.dumps(stats, indent=4))
+    return path
+
+
+def make_webdataset(root: Path, shards: int = 3, rows: int = 20) -> None:
+    """`shards` shards of `rows` good pairs each, labelled by the `tags` field of <key>.json; shard 1
+    adds the bad members of WEBDATASET_BAD, and shard 2 (when there) is cut off inside its last image."""
+    for shard in range(shards):
+        samples = [_webdataset_sample(shard, row) for row in range(rows)]
+        if shard == 1:
+            corrupt, empty, no_caption, extra = (_webdataset_sample(1, row) for row in range(rows, rows + 4))
+            corrupt["jpg"] = b"\xff\xd8 not a JPEG"
+            empty["txt"] = "   "
+            del no_caption["txt"]
+            extra["xyz"] = b"what is this"
+            samples += [corrupt, empty, no_caption, extra]
+        path = write_webdataset_shard(root, shard, samples)
+        if shard == 2:
+            data = path.read_bytes()
+            last_image = data.rfind(_coloured_jpeg(rows - 1))
+            path.write_bytes(data[: last_image + 100])  # the last key's image is cut short: a truncated tar

@@ -23,7 +23,7 @@ def test_missing_params_file(tmp_path, invoke, one_line_error):
     ("key", "value", "message"),
     [
         (("data", "name"), "imagenet",
-         "data.name = 'imagenet': unknown dataset 'imagenet'; choose one of: coco, demo, features, manifest, mirflickr, nuswide"),
+         "data.name = 'imagenet': unknown dataset 'imagenet'; choose one of: coco, demo, features, manifest, mirflickr, nuswide, webdataset"),
         (("data", "on_bad_item"), "ignore", "data.on_bad_item = 'ignore': input should be 'skip' or 'fail'"),
     ],
 )

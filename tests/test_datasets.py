@@ -53,22 +53,23 @@ def skipped(collection: Collection) -> dict[str, str]:
 
 
 def test_registry_names_and_unknown_name(tmp_path):
-    assert DATASETS.names() == ["coco", "demo", "features", "manifest", "mirflickr", "nuswide"]
+    assert DATASETS.names() == ["coco", "demo", "features", "manifest", "mirflickr", "nuswide", "webdataset"]
     with pytest.raises(ConfigError) as exc:
         build_collection("flickr30k", tmp_path, Splits(query=1, train=1, val=1), tmp_path / "out", 0)
-    assert str(exc.value) == "unknown dataset 'flickr30k'; choose one of: coco, demo, features, manifest, mirflickr, nuswide"
+    assert str(exc.value) == "unknown dataset 'flickr30k'; choose one of: coco, demo, features, manifest, mirflickr, nuswide, webdataset"
     with pytest.raises(ConfigError) as exc:
         parse_params({"data": {"name": "flickr30k"}})
     assert str(exc.value).endswith(
-        "data.name = 'flickr30k': unknown dataset 'flickr30k'; choose one of: coco, demo, features, manifest, mirflickr, nuswide")
+        "data.name = 'flickr30k': unknown dataset 'flickr30k'; choose one of: coco, demo, features, manifest, mirflickr, nuswide, webdataset")
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_every_registered_importer_resolves(name):
     entry = DATASETS.entry(name)
     assert callable(entry.load())
-    # every dataset of images has the split sizes; precomputed features take theirs from the files
-    assert issubclass(entry.knobs, Splits) != bool(entry.meta.get("precomputed")), name
+    # every dataset of images has the split sizes; precomputed features take theirs from the files,
+    # and a dataset that carves its own splits (webdataset) takes none
+    assert issubclass(entry.knobs, Splits) != bool(entry.meta.get("precomputed") or entry.meta.get("own_splits")), name
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,8 @@ def others(base: Any, meta: list[Any], optional: bool, current: Any) -> list[Any
         return [current + "x", "cpu"]  # "cpu": a value the constrained string (`device`) accepts
     if get_origin(base) is list:  # one item more, one fewer, every item varied
         item, item_meta, _ = unpack(get_args(base)[0])
+        if not current:  # an empty list: one plain item
+            return [[others(item, item_meta, False, None)[0]]]
         longer = [[*current, v] for v in others(item, item_meta, False, current[-1])] if current else []
         shorter = [current[:-1]] if current else []
         varied = [[(others(item, item_meta, False, v) or [v])[0] for v in current]]

@@ -40,16 +40,19 @@ class Item:
 class Skipped:
     id: str
     reason: str
+    source: str | None = None  # the file it was read from, where the id alone does not say (a tar shard)
 
 
 @dataclass
 class Collection:
-    """What an importer returns: the usable items, the label names, what it left out."""
+    """What an importer returns: the usable items, the label names (none: an unlabelled collection),
+    what it left out, and the splits (rows into `items`) when the importer carves them itself."""
 
     dataset: str
     items: list[Item]
     label_names: list[str]
     skipped: list[Skipped] = field(default_factory=list)
+    splits: dict[str, list[int]] | None = None
 
 
 def multi_hot(items: list[Item], num_labels: int) -> np.ndarray:

@@ -1,10 +1,12 @@
 """CLIP encoding: images and captions to float32 features, in batches, on a device and in a
 precision, with images decoded in DataLoader worker processes. `Encoder` is what `extract` runs
 over whole collections; `ClipEncoder` rebuilds the same CLIP from what an index or a feature file
-recorded, for search and serve's queries. Nothing else in cmhash runs CLIP."""
+recorded, for search and serve's queries. Images are files, or members of webdataset tar shards
+streamed from the tar (`<shard>#<member>`, cmhash.data.tar_shards). Nothing else in cmhash runs CLIP."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,9 +16,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cmhash.data.tar_shards import ShardReader, member_key, split_member_ref
 from cmhash.errors import DataError
 from cmhash.features.clip import Clip, load_seeded_clip, weights_sha256
 from cmhash.runtime.precision import Precision
+
+
+def _decode(i: int, source, preprocess):
+    """(i, preprocessed image, "") or, for an image that does not decode, (i, None, the reason)."""
+    try:
+        with Image.open(source) as im:
+            return i, preprocess(im.convert("RGB")), ""
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        message = str(exc) if isinstance(source, str) else str(exc).replace(repr(source), "the member")  # not a memory address
+        return i, None, f"unreadable image: {type(exc).__name__}: {message}"
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -29,11 +42,39 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.preprocess(im.convert("RGB")), ""
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return i, None, f"unreadable image: {type(exc).__name__}: {exc}"
+        return _decode(i, self.paths[i], self.preprocess)
+
+
+class TarMembers(torch.utils.data.IterableDataset):
+    """Decodes images as each DataLoader worker streams its share of the tar shards, one shard at a
+    time (never unpacked); yields collated batches that never span two shards. `groups`: per shard,
+    the positions of the images wanted from it (`<shard>#<member>` in `refs`)."""
+
+    def __init__(self, refs: list[str], groups: list[list[int]], preprocess, batch_size: int) -> None:
+        self.refs, self.groups, self.preprocess, self.batch_size = refs, groups, preprocess, batch_size
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        mine = self.groups[worker.id :: worker.num_workers] if worker else self.groups
+        for group in mine:
+            yield from self._shard(group)
+
+    def _shard(self, group: list[int]):
+        shard = split_member_ref(self.refs[group[0]])[0]
+        wanted = {member_key(split_member_ref(self.refs[i])[1]): i for i in group}
+        reader = ShardReader(shard, read=lambda name: member_key(name) in wanted)
+        batch, seen = [], set()
+        for sample in reader.samples():  # one member's bytes at a time; a batch of tensors at most
+            for ext, data in sample.items():
+                if (i := wanted.get((sample["__key__"], ext))) is not None and i not in seen:
+                    seen.add(i)
+                    batch.append(_decode(i, io.BytesIO(data), self.preprocess))
+                    if len(batch) == self.batch_size:
+                        yield _collate(batch)
+                        batch = []
+        why = f"not read from {shard}: {reader.error()}" if reader.errors else f"not in {shard}"
+        batch += [(i, None, why) for i in group if i not in seen]
+        yield from (_collate(part) for part in chunks(batch, self.batch_size))
 
 
 def _collate(batch):
@@ -65,14 +106,27 @@ class Encoder:
     def _autocast(self):
         return self.precision.autocast() if self.precision else nullcontext()
 
-    @torch.no_grad()
     def image_batches(self, paths: list[str], batches: list[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-        """Per batch of positions into `paths`: the positions decoded, their features [n, D] float32,
-        and (position, reason) for each image that could not be decoded."""
-        loader = torch.utils.data.DataLoader(
+        """Per batch of positions into `paths` (image files): the positions decoded, their features
+        [n, D] float32, and (position, reason) for each image that could not be decoded."""
+        return self._encode(torch.utils.data.DataLoader(
             ImageFiles(paths, self.clip.preprocess), batch_sampler=batches, num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
-        )
+        ))
+
+    def grouped_batches(self, images: list[str], groups: list[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """As `image_batches`, for groups of positions, no batch spanning two groups, in any order.
+        Members of tar shards (`<shard>#<member>`, one shard per group) are streamed from their
+        shards, each worker reading whole shards; image files are read group after group."""
+        if not groups or split_member_ref(images[groups[0][0]]) is None:
+            return self.image_batches(images, [batch for group in groups for batch in chunks(group, self.batch_size)])
+        return self._encode(torch.utils.data.DataLoader(
+            TarMembers(images, groups, self.clip.preprocess, self.batch_size), batch_size=None,
+            num_workers=min(self.num_workers, len(groups)), pin_memory=self.device.type == "cuda",
+        ))
+
+    @torch.no_grad()
+    def _encode(self, loader) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
         decoded = iter(loader)
         try:
             for idx, images, bad in decoded:

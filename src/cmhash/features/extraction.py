@@ -1,5 +1,5 @@
-"""Extraction in resumable shards: every `shard_size` pairs are encoded and saved to a work
-folder as they finish, so an interrupted run re-encodes only the shards it had not finished.
+"""Extraction in resumable shards: every `shard_size` pairs (every tar shard, for webdataset
+input) are encoded and saved to a work folder as they finish, so an interrupted run re-encodes only the shards it had not finished.
 Under torchrun the shards are shared out among the ranks, and rank 0 collects them from the folder."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cmhash.data.manifest import Item, Skipped
+from cmhash.data.tar_shards import split_member_ref
 from cmhash.digests import digest
 from cmhash.errors import DataError
 from cmhash.features.encoding import Encoder, chunks, no_progress
@@ -32,44 +33,59 @@ class Shard:
 
 
 def _pair_identity(item: Item) -> list:
-    """What a pair's features depend on: the caption, and the image file (path, size, mtime)."""
+    """What a pair's features depend on: the caption, and the image file (path, size, mtime); for a
+    member of a tar shard, the shard file's."""
+    ref = split_member_ref(item.image)
     try:
-        stat = os.stat(item.image)
+        stat = os.stat(ref[0] if ref else item.image)
         stamp = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         stamp = None  # decoding will report it
     return [item.id, item.image, item.caption, stamp]
 
 
+def _groups(items: list[Item], shard_size: int) -> list[list[Item]]:
+    """Members of tar shards: one extraction shard per tar shard, so each is streamed once and a
+    re-run resumes tar by tar. Image files: every `shard_size` pairs."""
+    by_tar: dict[str, list[Item]] = {}
+    for item in items:
+        if (ref := split_member_ref(item.image)) is None:
+            return chunks(items, shard_size)
+        by_tar.setdefault(ref[0], []).append(item)
+    return list(by_tar.values())
+
+
 def plan_shards(items: list[Item], shard_size: int, settings_key: str) -> list[Shard]:
-    return [Shard(chunk, digest(settings_key, [_pair_identity(it) for it in chunk])) for chunk in chunks(items, shard_size)]
+    return [Shard(group, digest(settings_key, [_pair_identity(it) for it in group])) for group in _groups(items, shard_size)]
 
 
 def _encode_shards(encoder: Encoder, shards: list[Shard], advance) -> Iterator[tuple[Shard, dict[str, Any]]]:
     """Encode the pairs of `shards` with one DataLoader (its workers keep decoding across shard
-    boundaries); yield each shard's features as soon as its last batch is done."""
+    boundaries); yield each shard's features as soon as its last batch is done (tar shards, read by
+    several workers at once, may finish in any order)."""
     items = [it for shard in shards for it in shard.items]
-    batches, owner, start = [], [], 0
-    for shard in shards:
-        for batch in chunks(list(range(start, start + len(shard.items))), encoder.batch_size):
-            batches.append(batch)
-            owner.append((shard, start))
+    groups, owner, start = [], {}, 0
+    for n, shard in enumerate(shards):
+        groups.append(list(range(start, start + len(shard.items))))
+        owner.update(dict.fromkeys(groups[-1], n))
         start += len(shard.items)
-    shard_result = None
-    for n, (idx, image, bad) in enumerate(encoder.image_batches([it.image for it in items], batches)):
-        shard, offset = owner[n]
-        if shard_result is None:
+    results: dict[int, dict[str, Any]] = {}
+    left = [len(group) for group in groups]
+    for idx, image, bad in encoder.grouped_batches([it.image for it in items], groups):
+        n = owner[int(idx[0])] if len(idx) else owner[bad[0][0]]
+        shard, offset = shards[n], groups[n][0]
+        if n not in results:
             size = len(shard.items)
-            shard_result = {"ids": [it.id for it in shard.items], "ok": np.zeros(size, dtype=bool), "skipped": [],
-                            "image": np.zeros((size, encoder.clip.dim), np.float32), "text": np.zeros((size, encoder.clip.dim), np.float32)}
-        rows = idx - offset
-        shard_result["image"][rows], shard_result["ok"][rows] = image, True
-        shard_result["text"][rows] = encoder.captions([items[i].caption for i in idx])
-        shard_result["skipped"] += [[items[i].id, reason] for i, reason in bad]
+            results[n] = {"ids": [it.id for it in shard.items], "ok": np.zeros(size, dtype=bool), "skipped": [],
+                          "image": np.zeros((size, encoder.clip.dim), np.float32), "text": np.zeros((size, encoder.clip.dim), np.float32)}
+        result, rows = results[n], idx - offset
+        result["image"][rows], result["ok"][rows] = image, True
+        result["text"][rows] = encoder.captions([items[i].caption for i in idx])
+        result["skipped"] += [[items[i].id, reason] for i, reason in bad]
         advance(len(idx) + len(bad))
-        if n + 1 == len(batches) or owner[n + 1][0] is not shard:
-            yield shard, shard_result
-            shard_result = None
+        left[n] -= len(idx) + len(bad)
+        if not left[n]:
+            yield shard, results.pop(n)
 
 
 @dataclass
@@ -101,10 +117,13 @@ def extract_pairs(encoder: Encoder, items: list[Item], shard_size: int, store: S
     pending = [shard for shard in mine if shard.key not in done]
     encoded_pairs = sum(len(shard.items) for shard in pending)
 
+    image_of = {it.id: it.image for it in items}
+
     def check(shard_result: dict) -> None:
         if fail_on_bad and shard_result["skipped"]:
             item_id, reason = shard_result["skipped"][0]
-            raise DataError(f"bad image {item_id}: {reason} (or set data.on_bad_item: skip to leave such pairs out)")
+            where = f" in {ref[0]}" if (ref := split_member_ref(image_of[item_id])) else ""
+            raise DataError(f"bad image {item_id}{where}: {reason} (or set data.on_bad_item: skip to leave such pairs out)")
 
     for shard_result in done.values():
         check(shard_result)

@@ -2,6 +2,7 @@
 
 reads   data.root in the dataset's original layout (nothing for the demo)
 writes  stages/prepare/{train,val,query,retrieval}.jsonl, labels.json, skipped.jsonl
+        (data.name: webdataset: the manifests point into the shards, `<shard>#<member>`; nothing unpacked)
         (+ stages/prepare/images/ for the demo)
         data.name: features (precomputed features, no images): stages/prepare/features/<split>.npz
         and labels.json instead (cmhash.data.precomputed)
@@ -45,22 +46,28 @@ def run(settings: PrepareSettings, out_dir: Path) -> dict[str, int]:
     # Pairs without a label are the field's protocol filter, not bad data: reported, never fatal.
     bad = [s for s in collection.skipped if s.reason != NO_LABEL]
     if bad and data.on_bad_item == "fail":
-        raise DataError(f"{len(bad)} bad item(s), first: {bad[0].id}: {bad[0].reason} (or set data.on_bad_item: skip)")
+        where = f" in {bad[0].source}" if bad[0].source else ""
+        raise DataError(f"{len(bad)} bad item(s), first: {bad[0].id}{where}: {bad[0].reason} (or set data.on_bad_item: skip)")
     if not collection.items:
         raise DataError(f"dataset '{name}' has no usable pairs under {data.root}")
 
-    sizes = {"query": opts.query, "train": opts.train, "val": opts.val}
-    images = len({item.id if item.group is None else item.group for item in collection.items})
-    if sum(sizes.values()) > images:
-        given = " + ".join(f"data.{name}.{split} {size}" for split, size in sizes.items())
-        what = "usable pairs" if images == len(collection.items) else f"images (with {len(collection.items)} captions)"
-        raise DataError(f"split sizes {given} exceed the {images} {what}; make them smaller")
-    splits = make_group_splits(collection.items, **sizes, seed=seed)  # several captions of an image: split by image
+    if collection.splits is not None:  # carved by the importer
+        splits = collection.splits
+        if empty := [split for split in ("query", "train", "val") if not splits[split]]:
+            raise DataError(f"the {empty[0]} split of the {len(collection.items)} usable pairs is empty; give it more (data.{name})")
+    else:
+        sizes = {"query": opts.query, "train": opts.train, "val": opts.val}
+        images = len({item.id if item.group is None else item.group for item in collection.items})
+        if sum(sizes.values()) > images:
+            given = " + ".join(f"data.{name}.{split} {size}" for split, size in sizes.items())
+            what = "usable pairs" if images == len(collection.items) else f"images (with {len(collection.items)} captions)"
+            raise DataError(f"split sizes {given} exceed the {images} {what}; make them smaller")
+        splits = make_group_splits(collection.items, **sizes, seed=seed)  # several captions of an image: split by image
     with all_or_nothing():  # a failure part-way keeps the previous manifests, not a mix
         for split, rows in splits.items():
             write_split(out_dir / f"{split}.jsonl", [collection.items[r] for r in rows])
         write_label_names(out_dir / "labels.json", collection.dataset, collection.label_names, options=opts.model_dump(), seed=seed)
-        atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"id": s.id, "reason": s.reason}) + "\n" for s in collection.skipped))
+        atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps(skipped_row(s)) + "\n" for s in collection.skipped))
     counts = {split: len(rows) for split, rows in splits.items()}
     log.info("prepare %s: %s pairs, %d labels; splits %s", name, len(collection.items), len(collection.label_names), counts)
     if collection.skipped:
@@ -68,6 +75,11 @@ def run(settings: PrepareSettings, out_dir: Path) -> dict[str, int]:
         log.warning("skipped %d item(s) (%s); see %s", len(collection.skipped),
                     ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()), out_dir / "skipped.jsonl")
     return counts
+
+
+def skipped_row(skipped) -> dict[str, str]:
+    row = {"id": skipped.id, "reason": skipped.reason}
+    return {**row, "source": skipped.source} if skipped.source else row
 
 
 def prepare_precomputed(seed: int, data: Data, out_dir: Path) -> dict[str, int]:

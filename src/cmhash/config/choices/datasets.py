@@ -2,13 +2,15 @@
 every dataset of images and captions has, plus its own. `marker` is a path (relative to
 `data.root`) that only that dataset's download layout has; it lets a layout error say which
 dataset a root does look like. `precomputed` marks a dataset of feature files (`features`): its
-splits come from the files, and prepare hands extract arrays instead of manifests."""
+splits come from the files, and prepare hands extract arrays instead of manifests. `own_splits` marks a dataset that carves its splits itself
+(`webdataset`: by shard or by a hash of the key, so they stay put when shards are added) instead of
+taking split sizes."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, StrictInt
+from pydantic import AfterValidator, Field, StrictInt, model_validator
 
 from cmhash.config.fields import Count, Fraction, Section
 from cmhash.config.registry import Registry
@@ -89,6 +91,27 @@ class Manifest(Splits):
     path: str = "manifest.jsonl"  # relative to data.root (or absolute)
     separator: str = "|"  # between the labels of a CSV cell
     label_names: LabelNames = None  # the label vocabulary, in order; None: the sorted labels seen
+
+
+@DATASETS.register("webdataset", "cmhash.data.datasets.webdataset_shards:build_webdataset", own_splits=True)
+class WebDataset(Section):
+    """Webdataset tar shards as img2dataset writes them (<key>.jpg, <key>.txt, <key>.json)."""
+
+    query_shards: list[str] = []  # shard file names (as in data.root) whose pairs are the query set; []: carved by key hash
+    val_shards: list[str] = []  # shard file names whose pairs are val; []: carved by key hash from the pairs not in query
+    query_fraction: Fraction = 0.1  # without query_shards: the share of keys in query
+    val_fraction: Fraction = 0.05  # without val_shards: the share of keys in val (a part of retrieval)
+    train_fraction: Fraction = 1.0  # the share of the other pairs (not query, not val) that train takes, by key hash
+    label_field: str | None = None  # the <key>.json field holding the labels (a list of tags, or a class id); None: unlabelled
+    label_names: LabelNames = None  # the label vocabulary, in order; None: the sorted labels seen
+
+    @model_validator(mode="after")
+    def _splits(self) -> WebDataset:
+        if self.query_fraction + self.val_fraction > 1:
+            raise ValueError("query_fraction + val_fraction must be at most 1")
+        if shared := sorted(set(self.query_shards) & set(self.val_shards)):
+            raise ValueError(f"shard {shared[0]!r} is in both query_shards and val_shards")
+        return self
 
 
 class ArrayNames(Section):

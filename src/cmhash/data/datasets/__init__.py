@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cmhash.config.choices.datasets import DATASETS
 from cmhash.config.fields import Section
-from cmhash.data.datasets import coco, demo, manifest_file, mirflickr, nuswide, precomputed  # noqa: F401  (the importers DATASETS names)
+from cmhash.data.datasets import coco, demo, manifest_file, mirflickr, nuswide, precomputed, webdataset_shards  # noqa: F401  (the importers DATASETS names)
 from cmhash.data.datasets.common import LayoutError
 from cmhash.data.manifest import Collection
 from cmhash.data.precomputed import FeatureSet

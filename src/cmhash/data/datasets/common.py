@@ -65,32 +65,39 @@ class ItemSink:
     """Collects items, applying the checks every dataset shares in a fixed order, so the
     reason recorded for a bad item does not depend on the importer."""
 
-    def __init__(self) -> None:
+    def __init__(self, labelled: bool = True) -> None:
         self.items: list[Item] = []
         self.skipped: list[Skipped] = []
         self._seen: set[str] = set()
+        self._labelled = labelled  # False: a collection without labels, whose pairs need none
 
-    def skip(self, item_id: str, reason: str) -> None:
+    def skip(self, item_id: str, reason: str, source: str | None = None) -> None:
         self._seen.add(item_id)
-        self.skipped.append(Skipped(item_id, reason))
+        self.skipped.append(Skipped(item_id, reason, source))
 
-    def offer(self, item_id: str, image: Path, caption: str, labels: Iterable[int], group: str | None = None) -> None:
-        """`group`: the image's id where it has several captions (one offer per caption)."""
+    def report(self, item_id: str, reason: str, source: str | None = None) -> None:
+        """A bad part of an item that was left out without the item (it may still be offered)."""
+        self.skipped.append(Skipped(item_id, reason, source))
+
+    def offer(self, item_id: str, image: Path | str, caption: str, labels: Iterable[int], group: str | None = None,
+              source: str | None = None) -> None:
+        """`image`: a file, or (with `source`, the shard it is in) a member the importer found there.
+        `group`: the image's id where it has several captions (one offer per caption)."""
         labels = tuple(sorted(set(labels)))
         caption = clean_caption(caption)
         if item_id in self._seen:
             reason = DUPLICATE_ID
-        elif not labels:
+        elif self._labelled and not labels:
             reason = NO_LABEL
         elif not caption:
             reason = EMPTY_CAPTION
-        elif not image.is_file():  # existence only: decoding is the extract stage's job
+        elif source is None and not Path(image).is_file():  # existence only: decoding is the extract stage's job
             reason = IMAGE_MISSING
         else:
             self._seen.add(item_id)
             self.items.append(Item(item_id, str(image), caption, labels, group))
             return
-        self.skip(item_id, reason)
+        self.skip(item_id, reason, source)
 
-    def collection(self, dataset: str, label_names: list[str]) -> Collection:
-        return Collection(dataset, self.items, label_names, self.skipped)
+    def collection(self, dataset: str, label_names: list[str], splits: dict[str, list[int]] | None = None) -> Collection:
+        return Collection(dataset, self.items, label_names, self.skipped, splits)
