@@ -392,13 +392,18 @@ def test_concurrent_clients_each_get_their_own_answer(searcher, uvicorn_url):
     with httpx.Client(base_url=uvicorn_url, timeout=60) as one:
         expected = {q: ask(one, *q) for q in queries}
 
+    assert_concurrent_answers(uvicorn_url, queries, expected, clients=8, stride=3)
+
+
+def assert_concurrent_answers(url: str, queries: list[tuple], expected: dict, clients: int, stride: int) -> None:
+    """`clients` at once, each asking every query from its own offset: each answer is `expected`'s."""
     def client_run(offset: int) -> list[tuple]:
-        with httpx.Client(base_url=uvicorn_url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=60) as http:
             return [(q, ask(http, *q)) for q in queries[offset:] + queries[:offset]]
 
-    with ThreadPoolExecutor(8) as pool:
-        runs = list(pool.map(client_run, range(0, 8 * 3, 3)))
-    assert sum(len(run) for run in runs) == 8 * len(queries)
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(client_run, range(0, clients * stride, stride)))
+    assert sum(len(run) for run in runs) == clients * len(queries)
     for run in runs:
         for query, answer in run:
             assert answer == expected[query], query
@@ -425,16 +430,7 @@ def test_batched_answers_equal_unbatched_ones_under_concurrent_clients(searcher)
     for (_, query, k), answer in list(expected.items())[:4]:
         assert answer == counting.search_text(query, k)
     with uvicorn_serving(create_app(counting, batching=Batching(32, 20.0))) as url:
-        def client_run(offset: int) -> list[tuple]:
-            with httpx.Client(base_url=url, timeout=60) as http:
-                return [(q, ask(http, *q)) for q in queries[offset:] + queries[:offset]]
-
-        with ThreadPoolExecutor(16) as pool:
-            runs = list(pool.map(client_run, range(0, 16 * 5, 5)))
-    assert sum(len(run) for run in runs) == 16 * len(queries)
-    for run in runs:
-        for query, answer in run:
-            assert answer == expected[query], query
+        assert_concurrent_answers(url, queries, expected, clients=16, stride=5)
     assert sum(sizes) == 4 + 16 * len(queries) and max(sizes) <= 32
 
 
