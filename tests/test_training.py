@@ -525,7 +525,8 @@ def test_val_loss_uses_batches_sized_as_in_training(params):
 # ---- the per-epoch console line ------------------------------------------------------------------
 
 LINE = re.compile(r"^(?:(?P<bits>\d+) bits: )?epoch (?P<epoch>\d+)/(?P<epochs>\d+)  train loss (?P<train_loss>\S+)  val loss (?P<val_loss>\S+)"
-                  r"  val MAP@50 (?P<map>\S+)(?P<lrs>(?:  lr/\w+ \S+)+)(?P<best>  best)?$")
+                  r"  val/train (?P<ratio>\S+)  val MAP@50 (?P<map>\S+)(?P<lrs>(?:  lr/\w+ \S+)+)(?P<overfitting>  overfitting)?"
+                  r"(?P<best>  best)?$")
 
 
 def epoch_lines(text: str) -> list[dict]:
@@ -538,12 +539,14 @@ def test_the_epoch_line_holds_the_numbers_logged_for_that_epoch(params, tmp_path
     train(params, tmp_path, features_dir)
     lines = epoch_lines(capsys.readouterr().err)
     assert [int(line["epoch"]) for line in lines] == [2, 4, 5]  # each validation, not the other epochs
-    curves = {name: logged(tmp_path, name) for name in ("train/loss", "val/loss", "val/map", "lr/fusion")}
+    curves = {name: logged(tmp_path, name) for name in ("train/loss", "val/loss", "val/val_train_loss_ratio", "val/map", "lr/fusion")}
     best_so_far = -math.inf
     for line in lines:
         step = int(line["epoch"]) - 1
         assert float(line["train_loss"]) == pytest.approx(curves["train/loss"][step], abs=5e-5)
         assert float(line["val_loss"]) == pytest.approx(curves["val/loss"][step], abs=5e-5)
+        assert float(line["ratio"]) == pytest.approx(curves["val/val_train_loss_ratio"][step], abs=5e-4)
+        assert (line["overfitting"] is not None) == (curves["val/val_train_loss_ratio"][step] > 1.5)
         assert float(line["map"]) == pytest.approx(curves["val/map"][step], abs=5e-5)
         assert line["lrs"] == f"  lr/fusion {curves['lr/fusion'][step]:.3g}"
         assert (line["best"] is not None) == (curves["val/map"][step] > best_so_far)  # a new kept checkpoint
@@ -555,6 +558,18 @@ def test_the_epoch_line_holds_the_numbers_logged_for_that_epoch(params, tmp_path
     assert float(last["val_loss"]) == pytest.approx(summary["val"]["loss"], abs=5e-5)
     assert float(last["map"]) == pytest.approx(summary["val"]["map"], abs=5e-5)
     assert float(last["lrs"].split()[-1]) == pytest.approx(summary["lr"]["fusion"], rel=5e-3)
+
+
+@pytest.mark.parametrize(("val_loss", "flagged"), [(1.6, True), (1.5, False), (1.1, False)])
+def test_the_epoch_line_flags_a_val_train_ratio_above_one_and_a_half(val_loss, flagged):
+    from cmhash.training.hooks import RATIO, SELECT, EpochLine
+
+    lines: list[str] = []
+    logs = {"train/loss": 1.0, "val/loss": val_loss, RATIO: val_loss / 1.0, SELECT: 0.5, "lr/fusion": 1e-4}
+    state = TrainState(None, None, None, None, epoch=3, logs=logs, best_epoch=2)  # 2: not a new kept checkpoint
+    EpochLine(epochs=5, topk=50, write=lines.append)(state)
+    assert lines == [f"epoch 3/5  train loss 1.0000  val loss {val_loss:.4f}  val/train {val_loss:.3f}  val MAP@50 0.5000"
+                     "  lr/fusion 0.0001" + "  overfitting" * flagged]
 
 
 def test_train_log_epochs_false_prints_no_epoch_line(params, tmp_path, features_dir, capsys):

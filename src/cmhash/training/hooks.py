@@ -174,7 +174,8 @@ class LiveLogger:
 
 # The numbers of the per-epoch console line, in order: (label, key in the epoch's logs, format).
 # Adding one is one entry; every learning rate (lr/<group>) follows them.
-EPOCH_LINE = [("train loss", "train/loss", ".4f"), ("val loss", "val/loss", ".4f"), ("val MAP@{k}", SELECT, ".4f")]
+EPOCH_LINE = [("train loss", "train/loss", ".4f"), ("val loss", "val/loss", ".4f"), ("val/train", RATIO, ".3f"),
+              ("val MAP@{k}", SELECT, ".4f")]
 
 
 def _stderr_line(line: str) -> None:
@@ -184,8 +185,9 @@ def _stderr_line(line: str) -> None:
 
 
 class EpochLine:
-    """At each validation, one line on the console: epoch, train loss, val loss, val MAP@K and the
-    learning rates, the same numbers the dvclive curves get; `best` marks a new kept checkpoint.
+    """At each validation, one line on the console: epoch, train loss, val loss, their ratio, val
+    MAP@K and the learning rates, the same numbers the dvclive curves get; `overfitting` flags a
+    ratio above OVERFIT_RATIO and `best` marks a new kept checkpoint.
     train.log_epochs: false leaves it out. Rank 0 alone runs it (OnMainRank)."""
 
     def __init__(self, epochs: int, topk: int, prefix: str = "", write: Callable[[str], None] = _stderr_line) -> None:
@@ -198,4 +200,5 @@ class EpochLine:
         parts = [f"{self.prefix}epoch {state.epoch}/{self.epochs}"]
         parts += [f"{label.format(k=self.topk)} {logs[key]:{fmt}}" for label, key, fmt in EPOCH_LINE if key in logs]
         parts += [f"{key} {value:.3g}" for key, value in logs.items() if key.startswith("lr/")]
-        self.write("  ".join(parts) + ("  best" if state.best_epoch == state.epoch else ""))
+        parts += ["overfitting"] * overfitting(logs) + ["best"] * (state.best_epoch == state.epoch)
+        self.write("  ".join(parts))
