@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -238,6 +239,30 @@ def test_links_out_of_the_indexed_folders_are_refused(tmp_path):
     assert by_parents.path("3") is None and by_parents.path("4") is None and by_parents.path("2") == photos / "a.png"
     (photos / "a.png").unlink()
     assert by_folder.path("0") is None and by_folder.path("2") is None  # gone since indexing
+
+
+def test_images_inside_tar_shards_are_read_from_their_shard(tmp_path):
+    """A listed `shard.tar#member` (webdataset input): the member's bytes, from an indexed root only;
+    a member not in the shard, a shard outside the roots, or a shard cut short since: None."""
+    from fixtures_datasets import write_webdataset_shard
+
+    shards, elsewhere = tmp_path / "shards", tmp_path / "elsewhere"
+    samples = [{"__key__": f"{row:09d}", "jpg": bytes([row]) * (100 + row), "txt": f"caption {row}"} for row in range(3)]
+    shard = write_webdataset_shard(shards, 0, samples)
+    write_webdataset_shard(elsewhere, 0, samples)
+    (shards / "00009.tar").symlink_to(elsewhere / "00000.tar")
+    refs = [f"{shard}#000000000.jpg", f"{shard}#000000002.jpg", f"{shard}#000000009.jpg", f"{shards / '00009.tar'}#000000000.jpg"]
+    images = IndexedImages([{"id": str(i), "image": ref} for i, ref in enumerate(refs)], {"split": "retrieval"})
+    assert images.member("0") == ("000000000.jpg", samples[0]["jpg"]) and images.member("1") == ("000000002.jpg", samples[2]["jpg"])
+    assert images.member("2") is None and images.member("3") is None and images.member("4") is None
+    assert images.path("0") is None  # not a file to send as is
+    samples[0]["jpg"] = b"\xff" * 50  # the shard rewritten a second later: read again
+    write_webdataset_shard(shards, 0, samples)
+    later = shard.stat().st_mtime + 1
+    os.utime(shard, (later, later))
+    assert images.member("0") == ("000000000.jpg", b"\xff" * 50)
+    shard.write_bytes(shard.read_bytes()[:600])  # cut inside the first member's data
+    assert images.member("0") is None
 
 
 @pytest.mark.slow

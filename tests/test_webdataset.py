@@ -192,6 +192,18 @@ def test_shards_go_through_the_whole_pipeline(project, params_file, shards, invo
     prepared[corrupt_in] -= 1
     assert info["items"] == prepared
     assert not list(shards.parent.rglob("*.jpg"))  # nothing unpacked
+    # searchable: an index of the retrieval split, whose images the server reads from their shards
+    assert invoke("index", "--params", params_file, "--split", "retrieval").exit_code == 0
+    from fastapi.testclient import TestClient
+
+    from cmhash.search.engine import Searcher
+    from cmhash.serve.app import create_app
+
+    searcher = Searcher.load(Path("stages/index"))
+    first = searcher.index.items[0]["image"]
+    answer = TestClient(create_app(searcher)).get("/api/items/0/image")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    assert answer.content == _member_bytes(*split_member_ref(first))
 
 
 # ------------------------------------------------------------------ extraction from the tars

@@ -171,14 +171,20 @@ def create_app(searcher: Searcher, limits: Limits | None = None, batching: Batch
         return await answerer.ask(searcher.row_query(number, OTHER[target], top(k)))
 
     @app.get("/api/items/{row}/image")
-    async def item_image(row: str) -> FileResponse:
-        path = images.path(row)
-        if path is None:
-            raise HTTPException(404, f"no indexed image for row {row!r}")
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+    async def item_image(row: str) -> Response:
+        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"}
+        if path := images.path(row):
+            return FileResponse(path, media_type=media_type(path.name), headers=headers)
+        if member := await run_in_threadpool(images.member, row):  # an image inside a tar shard
+            name, data = member
+            return Response(data, media_type=media_type(name), headers=headers)
+        raise HTTPException(404, f"no indexed image for row {row!r}")
 
     return app
+
+
+def media_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 async def once(body: bytes) -> AsyncIterator[bytes]:
