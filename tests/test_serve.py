@@ -192,11 +192,16 @@ def test_bad_item_queries_are_one_line_4xx(client, searcher):
     assert client.get("/api/items/0/similar?target=text&k=2").status_code == 200
 
 
-@pytest.mark.slow
-def test_an_item_query_on_an_index_of_one_modality(served, invoke, searcher, tmp_path):
+def captions_only_client(invoke, tmp_path: Path) -> TestClient:
+    """A client of a server on an index of two captions: text codes only, no images."""
     Path(tmp_path / "captions.txt").write_text("a red heart\na blue ring\n")
     ok(invoke("index", "--captions", tmp_path / "captions.txt", "--params", "params.yaml", "--out-dir", tmp_path / "caption_index"))
-    client = TestClient(create_app(Searcher.load(tmp_path / "caption_index")))
+    return TestClient(create_app(Searcher.load(tmp_path / "caption_index")))
+
+
+@pytest.mark.slow
+def test_an_item_query_on_an_index_of_one_modality(served, invoke, searcher, tmp_path):
+    client = captions_only_client(invoke, tmp_path)
     for target, message in (("image", "holds only text codes but a text query searches image codes"),
                             ("text", "holds no image codes to query with")):
         refused = client.get("/api/items/0/similar", params={"target": target})
@@ -361,9 +366,7 @@ def test_an_unexpected_failure_is_a_500_in_json(searcher, monkeypatch):
 
 @pytest.mark.slow
 def test_a_query_the_index_cannot_answer(searcher, served, invoke, tmp_path):
-    Path(tmp_path / "captions.txt").write_text("a red heart\na blue ring\n")
-    ok(invoke("index", "--captions", tmp_path / "captions.txt", "--params", "params.yaml", "--out-dir", tmp_path / "caption_index"))
-    client = TestClient(create_app(Searcher.load(tmp_path / "caption_index")))
+    client = captions_only_client(invoke, tmp_path)
     refused = client.get("/api/search", params={"text": "a heart"})
     assert refused.status_code == 400 and "holds only text codes" in refused.json()["error"]
     assert client.get("/api/items/0/image").status_code == 404  # a captions index has no images
